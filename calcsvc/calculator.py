@@ -1,0 +1,146 @@
+"""The arithmetic behind the Calculator service, and its gRPC servicer."""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_name
+
+OPERATIONS: dict[str, Callable[[float, float], float]] = {
+    "Add": operator.add,
+    "Subtract": operator.sub,
+    "Multiply": operator.mul,
+    "Divide": operator.truediv,
+}
+
+
+class OperationRefusedError(Exception):
+    """An operation the contract refuses to answer with a number."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        """Create a refusal that the server answers with ``code``."""
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def evaluate(method: str, a: float, b: float) -> float:
+    """Answer ``a <method> b`` under the rules of ``calculator.proto``.
+
+    Raises:
+        OperationRefusedError: an operand is not finite, the divisor is zero, or
+            the result overflows a double.
+
+    """
+    for name, value in (("a", a), ("b", b)):
+        if not math.isfinite(value):
+            raise OperationRefusedError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"operand {name} must be a finite number, got {value!r}",
+            )
+    if method == "Divide" and b == 0:
+        raise OperationRefusedError(
+            grpc.StatusCode.INVALID_ARGUMENT, "operand b must not be zero for Divide"
+        )
+
+    try:
+        result = OPERATIONS[method](a, b)
+    except OverflowError:
+        result = math.inf
+    if math.isinf(result):
+        raise OperationRefusedError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"{method} of {a!r} and {b!r} overflows a double",
+        )
+    return result
+
+
+@dataclass
+class Faults:
+    """Faults injected into calculator calls, for demos and benchmarks.
+
+    Health checks are never affected: only the Calculator methods are.
+    """
+
+    latency: float = 0.0
+    error_rate: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        """Check that the fault settings make sense."""
+        if self.latency < 0:
+            raise ValueError("injected latency must not be negative")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError("injected error rate must be between 0 and 1")
+
+    def apply(self, context: grpc.ServicerContext) -> None:
+        """Delay the call, or end it with UNAVAILABLE, as configured."""
+        if self.latency:
+            time.sleep(self.latency)
+        if self.error_rate and self.rng.random() < self.error_rate:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
+
+
+class CalculatorServicer(calculator_pb2_grpc.CalculatorServicer):
+    """Serves the four operations, answering refusals with their status code."""
+
+    def __init__(self, faults: Faults | None = None) -> None:
+        """Create the servicer, with ``faults`` injected into every call."""
+        self._faults = faults or Faults()
+
+    def Add(  # noqa: N802 - the method names are the RPC names
+        self, request: calculator_pb2.BinaryRequest, context: grpc.ServicerContext
+    ) -> calculator_pb2.Result:
+        """Answer a + b."""
+        return self._answer("Add", request, context)
+
+    def Subtract(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: grpc.ServicerContext
+    ) -> calculator_pb2.Result:
+        """Answer a - b."""
+        return self._answer("Subtract", request, context)
+
+    def Multiply(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: grpc.ServicerContext
+    ) -> calculator_pb2.Result:
+        """Answer a * b."""
+        return self._answer("Multiply", request, context)
+
+    def Divide(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: grpc.ServicerContext
+    ) -> calculator_pb2.Result:
+        """Answer a / b."""
+        return self._answer("Divide", request, context)
+
+    def _answer(
+        self,
+        method: str,
+        request: calculator_pb2.BinaryRequest,
+        context: grpc.ServicerContext,
+    ) -> calculator_pb2.Result:
+        self._faults.apply(context)
+        try:
+            value = evaluate(method, request.a, request.b)
+        except OperationRefusedError as refusal:
+            context.abort(refusal.code, refusal.message)
+        except Exception:
+            # grpcio would send the exception's text to the caller; keep
+            # internals in the server's log and send a plain status instead.
+            log.exception("unexpected error method=%s", method)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        return calculator_pb2.Result(value=value)

@@ -1,0 +1,77 @@
+"""The exceptions a calcsvc client raises, and which gRPC codes trip a breaker."""
+
+from __future__ import annotations
+
+import grpc
+import pybreaker
+
+# Codes that say the backend is unwell. A call that ends with one of them is a
+# failure the breaker counts; any other non-OK code is the caller's problem.
+BACKEND_FAILURE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class CallError(grpc.RpcError):
+    """A call that ended with a non-OK gRPC status.
+
+    Like the errors grpcio raises, it answers ``code()`` and ``details()``, so
+    code written against ``grpc.RpcError`` keeps working.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        """Create the error for a call that ended with ``code``."""
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        """Return the gRPC status code the call ended with."""
+        return self._code
+
+    def details(self) -> str:
+        """Return the status message the call ended with."""
+        return self._details
+
+
+class BackendError(CallError):
+    """The backend is unwell or out of reach; the breaker counts a failure."""
+
+
+class CallerError(CallError):
+    """The server refused the request itself; the breaker lets it through.
+
+    Examples are an operand that is not finite (``INVALID_ARGUMENT``) or a
+    result too large for a double (``OUT_OF_RANGE``). Retrying the same
+    request cannot succeed, and the backend is fine.
+    """
+
+
+class BreakerOpenError(pybreaker.CircuitBreakerError):
+    """A call rejected at once, with no network attempt, while the breaker is open."""
+
+    def __init__(self, breaker: str) -> None:
+        """Create the error for a call that breaker ``breaker`` rejected."""
+        super().__init__(
+            f"breaker {breaker!r} is open: call rejected without a network attempt"
+        )
+        self.breaker = breaker
+
+
+def from_rpc_error(error: grpc.RpcError) -> CallError:
+    """Turn an error raised by a grpcio call into a BackendError or CallerError."""
+    code = error.code()
+    details = error.details() if isinstance(error, grpc.Call) else None
+    if code is None:
+        # Not a finished call: grpcio raised it before any status existed.
+        code = grpc.StatusCode.UNKNOWN
+    cls = BackendError if code in BACKEND_FAILURE_CODES else CallerError
+    return cls(code, details or code.name.lower().replace("_", " "))

@@ -1,0 +1,24 @@
+"""Prometheus instrumentation for calcsvc's breakers, clients and servers.
+
+Every metric family is created on first use, once per registry: importing
+this package registers nothing.
+"""
+
+from calcsvc.instrumentation._breaker import PrometheusListener, error_label
+from calcsvc.instrumentation._grpc import (
+    ClientMetricsInterceptor,
+    ServerMetricsInterceptor,
+    serving_gauge,
+    split_method,
+)
+from calcsvc.instrumentation._registry import LATENCY_BUCKETS
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "ClientMetricsInterceptor",
+    "PrometheusListener",
+    "ServerMetricsInterceptor",
+    "error_label",
+    "serving_gauge",
+    "split_method",
+]

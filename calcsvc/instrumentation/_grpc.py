@@ -1,0 +1,220 @@
+"""Prometheus metrics for gRPC calls, named like go-grpc-prometheus.
+
+Existing gRPC dashboards and alerts read ``grpc_server_*`` and
+``grpc_client_*`` series with the labels ``grpc_type``, ``grpc_service``,
+``grpc_method`` and ``grpc_code``; these interceptors write the same ones.
+Only unary calls are counted: the Calculator has no streaming methods, and
+leaving the health service's Watch stream and server reflection out keeps
+them from holding a metric open for the life of a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from calcsvc.instrumentation._registry import LATENCY_BUCKETS, per_registry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+# grpc-stubs declares these classes generic in the request and response
+# types; grpcio's own classes are not subscriptable at run time.
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[object, object]
+    _ClientInterceptor = grpc.UnaryUnaryClientInterceptor[object, object]
+    _Handler = grpc.RpcMethodHandler[object, object]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+    _ClientInterceptor = grpc.UnaryUnaryClientInterceptor
+
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+
+@dataclass(frozen=True)
+class _RpcFamilies:
+    started: Counter
+    handled: Counter
+    handling: Histogram
+
+
+def _rpc_families(side: str) -> Callable[[CollectorRegistry | None], _RpcFamilies]:
+    def create(registry: CollectorRegistry) -> _RpcFamilies:
+        return _RpcFamilies(
+            started=Counter(
+                f"grpc_{side}_started_total",
+                f"RPCs started on the {side}.",
+                _LABELS,
+                registry=registry,
+            ),
+            handled=Counter(
+                f"grpc_{side}_handled_total",
+                f"RPCs completed on the {side}, by gRPC status code.",
+                (*_LABELS, "grpc_code"),
+                registry=registry,
+            ),
+            handling=Histogram(
+                f"grpc_{side}_handling_seconds",
+                f"Time the {side} spent on an RPC until its status was known.",
+                _LABELS,
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+        )
+
+    return per_registry(create)
+
+
+_server_families = _rpc_families("server")
+_client_families = _rpc_families("client")
+
+serving_gauge = per_registry(
+    lambda registry: Gauge(
+        "calcsvc_server_serving",
+        "1 while the health service reports SERVING for the service, else 0.",
+        ("service",),
+        registry=registry,
+    )
+)
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """Split ``/calc.v1.Calculator/Add`` into its service and method names."""
+    _, _, rest = full_method.partition("/")
+    service, _, method = rest.partition("/")
+    return service or "unknown", method or "unknown"
+
+
+def _status(context: grpc.ServicerContext) -> object:
+    """Return the code a handler set or aborted with, None if it set none."""
+    return context.code()  # type: ignore[attr-defined]  # grpc-stubs lacks code()
+
+
+def _code_name(code: object, default: grpc.StatusCode) -> str:
+    return code.name if isinstance(code, grpc.StatusCode) else default.name
+
+
+class _Recorder:
+    """Counts one RPC's start, end and duration in a set of families."""
+
+    def __init__(self, families: _RpcFamilies, service: str, method: str) -> None:
+        self._labels = ("unary", service, method)
+        self._families = families
+        self._start = time.perf_counter()
+        families.started.labels(*self._labels).inc()
+
+    def done(self, code: str) -> None:
+        elapsed = time.perf_counter() - self._start
+        self._families.handled.labels(*self._labels, code).inc()
+        self._families.handling.labels(*self._labels).observe(elapsed)
+
+
+def _initialize(families: _RpcFamilies, methods: Iterable[tuple[str, str]]) -> None:
+    """Create the series of known methods at zero, as go-grpc-prometheus does.
+
+    Rates and ratios then exist before the first call and after a restart.
+    """
+    for service, method in methods:
+        labels = ("unary", service, method)
+        families.started.labels(*labels)
+        families.handling.labels(*labels)
+        for code in grpc.StatusCode:
+            families.handled.labels(*labels, code.name)
+
+
+class ServerMetricsInterceptor(_ServerInterceptor):
+    """Records ``grpc_server_*`` metrics for every unary call the server handles.
+
+    Calls to methods the server does not have are answered UNIMPLEMENTED by
+    grpcio and recorded nowhere, so whatever a client sends, the label values
+    stay those of the registered methods.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        methods: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Record into ``registry``, with the series of ``methods`` at zero."""
+        self._families = _server_families(registry)
+        _initialize(self._families, methods)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        """Wrap the unary handler of the called method, if it has one."""
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+
+        service, method = split_method(handler_call_details.method)
+        behavior = handler.unary_unary
+        families = self._families
+
+        def instrumented(request: object, context: grpc.ServicerContext) -> object:
+            recorder = _Recorder(families, service, method)
+            try:
+                response = behavior(request, context)
+            except BaseException:
+                recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
+                raise
+            recorder.done(_code_name(_status(context), grpc.StatusCode.OK))
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            instrumented,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class ClientMetricsInterceptor(_ClientInterceptor):
+    """Records ``grpc_client_*`` metrics for every unary call on a channel.
+
+    A call counts as started when it reaches the channel: calls a breaker
+    rejects never do, which is how the metrics show that a rejected call
+    made no network attempt.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        methods: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Record into ``registry``, with the series of ``methods`` at zero."""
+        self._families = _client_families(registry)
+        _initialize(self._families, methods)
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.ClientCallDetails, object], grpc.CallFuture[object]
+        ],
+        client_call_details: grpc.ClientCallDetails,
+        request: object,
+    ) -> grpc.CallFuture[object]:
+        """Count the call, and record its code and duration when it ends."""
+        recorder = _Recorder(self._families, *split_method(client_call_details.method))
+        outcome = continuation(client_call_details, request)
+
+        def done(future: grpc.Future[object]) -> None:
+            # grpcio hands back an object that is both a Future and a Call.
+            code = future.code() if isinstance(future, grpc.Call) else None
+            try:
+                recorder.done(_code_name(code, grpc.StatusCode.UNKNOWN))
+            except Exception:
+                log.exception("client metrics failed")
+
+        outcome.add_done_callback(done)
+        return outcome

@@ -1,0 +1,252 @@
+"""The calcsvc server: the Calculator with health, reflection and metrics.
+
+One process serves gRPC on one port (the Calculator, the standard health
+service and server reflection) and Prometheus metrics over HTTP on another.
+On SIGTERM or SIGINT it drains: health turns NOT_SERVING first, calls in
+flight get ``grace`` seconds to finish, new calls are refused with
+UNAVAILABLE, and the process exits 0. A second signal stops it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, start_http_server
+
+from calcsvc._generated.calc.v1 import calculator_pb2_grpc
+from calcsvc.calculator import OPERATIONS, SERVICE_NAME, CalculatorServicer, Faults
+from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
+
+if TYPE_CHECKING:
+    from types import FrameType
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+DEFAULT_METRICS_PORT = 9464
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+WHOLE_SERVER = ""
+DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
+
+
+def format_address(host: str, port: int) -> str:
+    """Join a host and a port, bracketing an IPv6 host."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class ServerStartError(Exception):
+    """The server could not start, for example because its port is in use."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a calcsvc server listens, drains and misbehaves on purpose."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    """Port of the ``/metrics`` endpoint, on the same host; 0 turns it off."""
+    workers: int = 10
+    """Threads that run calls; one call holds one thread until it ends."""
+    grace: float = 5.0
+    """Seconds calls in flight get to finish once shutdown starts."""
+    drain_delay: float = 0.0
+    """Seconds to keep serving, NOT_SERVING, before refusing new calls."""
+    inject_latency_ms: float = 0.0
+    inject_error_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work, with a message that says why."""
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be between 0 and 65535, got {value}")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.grace < 0 or self.drain_delay < 0:
+            raise ValueError("grace and drain delay must not be negative")
+        Faults(self.inject_latency_ms / 1000, self.inject_error_rate)
+
+
+class ServingStatus:
+    """The health service's statuses, mirrored in a gauge and in the log."""
+
+    def __init__(
+        self, servicer: health.HealthServicer, registry: CollectorRegistry
+    ) -> None:
+        """Track the statuses that ``servicer`` reports."""
+        self._servicer = servicer
+        self._gauge = serving_gauge(registry)
+        self._services: list[str] = []
+
+    def set(self, service: str, *, serving: bool) -> None:
+        """Report ``service`` as serving or not serving."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._servicer.set(service, status)
+        self._gauge.labels(service).set(1 if serving else 0)
+        if service not in self._services:
+            self._services.append(service)
+        log.info(
+            "serving status changed service=%r status=%s",
+            service,
+            health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+        )
+
+    def shut_down(self) -> None:
+        """Report every service NOT_SERVING, for good."""
+        for service in self._services:
+            self.set(service, serving=False)
+        self._servicer.enter_graceful_shutdown()
+
+
+class CalculatorServer:
+    """A running calcsvc server, which :meth:`shutdown` drains and stops."""
+
+    def __init__(
+        self, config: ServerConfig, registry: CollectorRegistry | None = None
+    ) -> None:
+        """Prepare a server for ``config``; :meth:`start` makes it listen."""
+        self.config = config
+        self._registry = REGISTRY if registry is None else registry
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.workers, thread_name_prefix="calcsvc-rpc"
+            ),
+            interceptors=[
+                ServerMetricsInterceptor(
+                    self._registry, [(SERVICE_NAME, m) for m in OPERATIONS]
+                )
+            ],
+            # Without this, grpcio shares a port that another server already
+            # listens on, and a second server would start without an error.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        faults = Faults(config.inject_latency_ms / 1000, config.inject_error_rate)
+        calculator_pb2_grpc.add_CalculatorServicer_to_server(
+            CalculatorServicer(faults), self._server
+        )
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.serving = ServingStatus(health_servicer, self._registry)
+        self.port = config.port
+        self._metrics_server: WSGIServer | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """Listen for gRPC and metrics, and report every service SERVING.
+
+        Raises:
+            ServerStartError: a port is in use or the host is not available.
+
+        """
+        config = self.config
+        address = format_address(config.host, config.port)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise ServerStartError(
+                f"cannot listen on {address}: the port is in use "
+                "or the address is not available"
+            ) from error
+
+        if config.metrics_port:
+            try:
+                self._metrics_server, _ = start_http_server(
+                    config.metrics_port, config.host, self._registry
+                )
+            except OSError as error:
+                self._server.stop(None)
+                raise ServerStartError(
+                    "cannot serve metrics on "
+                    f"{format_address(config.host, config.metrics_port)}: "
+                    f"{error.strerror}"
+                ) from error
+
+        self._server.start()
+        log.info(
+            "listening address=%s metrics=%s workers=%d",
+            format_address(config.host, self.port),
+            format_address(config.host, config.metrics_port)
+            if config.metrics_port
+            else "off",
+            config.workers,
+        )
+        if config.inject_latency_ms or config.inject_error_rate:
+            log.warning(
+                "injecting faults latency_ms=%g error_rate=%g",
+                config.inject_latency_ms,
+                config.inject_error_rate,
+            )
+        self.serving.set(WHOLE_SERVER, serving=True)
+        self.serving.set(SERVICE_NAME, serving=True)
+
+    def shutdown(self) -> None:
+        """Drain and stop: NOT_SERVING, then refuse new calls, then stop.
+
+        Calls in flight get ``config.grace`` seconds; :meth:`stop_now` cuts
+        that short from another thread or a signal handler.
+        """
+        config = self.config
+        log.info(
+            "shutting down grace=%gs drain_delay=%gs", config.grace, config.drain_delay
+        )
+        self.serving.shut_down()
+        if config.drain_delay:
+            self._stopping.wait(config.drain_delay)
+        self._server.stop(config.grace).wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    def stop_now(self) -> None:
+        """End the drain at once, cancelling calls still in flight."""
+        self._stopping.set()
+        self._server.stop(None)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain it and return.
+
+    Raises:
+        ServerStartError: the server could not start.
+
+    """
+    server = CalculatorServer(config)
+    server.start()
+
+    signalled = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if signalled.is_set():
+            log.warning("second signal=%s, stopping now", signal.Signals(signum).name)
+            server.stop_now()
+            return
+        log.info("received signal=%s", signal.Signals(signum).name)
+        signalled.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    signalled.wait()
+    server.shutdown()
