@@ -1,0 +1,31 @@
+"""calcsvc: a gRPC calculator, and a client that stops calling it while it is down.
+
+The client's calls go through a pybreaker circuit breaker; the breaker, the
+client and the server are measured with Prometheus metrics.
+"""
+
+from calcsvc.breaker import Guard, create_breaker
+from calcsvc.client import CalculatorClient
+from calcsvc.errors import (
+    BACKEND_FAILURE_CODES,
+    BackendError,
+    BreakerOpenError,
+    CallerError,
+    CallError,
+)
+from calcsvc.instrumentation import PrometheusListener
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_FAILURE_CODES",
+    "BackendError",
+    "BreakerOpenError",
+    "CalculatorClient",
+    "CallError",
+    "CallerError",
+    "Guard",
+    "PrometheusListener",
+    "__version__",
+    "create_breaker",
+]

@@ -1,0 +1,148 @@
+"""A Calculator client whose calls go through a circuit breaker."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Self
+
+import grpc
+
+from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
+from calcsvc.breaker import Guard, create_breaker
+from calcsvc.calculator import OPERATIONS, SERVICE_NAME
+from calcsvc.errors import from_rpc_error
+from calcsvc.instrumentation import ClientMetricsInterceptor, PrometheusListener
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    import pybreaker
+    from prometheus_client import CollectorRegistry
+
+    from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
+
+
+def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
+    """Channel settings that let a breaker's trial call find a server that is back.
+
+    While a server is down, grpcio waits longer and longer between attempts
+    to reconnect (up to two minutes). The breaker already waits
+    ``reset_timeout`` before it tries again, so the channel's wait is capped
+    below that: when the trial call comes, the channel has looked again.
+    """
+    cap_ms = max(100, int(reset_timeout * 1000 / 2))
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(cap_ms, 1000)),
+        ("grpc.min_reconnect_backoff_ms", min(cap_ms, 1000)),
+        ("grpc.max_reconnect_backoff_ms", cap_ms),
+    ]
+
+
+class CalculatorClient:
+    """Calls the Calculator service through a circuit breaker.
+
+    Every call has a deadline of ``timeout`` seconds. After ``fail_max``
+    consecutive calls fail because the backend is unwell
+    (:data:`calcsvc.errors.BACKEND_FAILURE_CODES`) the breaker opens, and for
+    ``reset_timeout`` seconds calls are rejected at once with
+    :class:`~calcsvc.errors.BreakerOpenError`, without a network attempt.
+    Then one trial call goes through: if it succeeds the breaker closes, if
+    it fails the breaker opens again.
+
+    A request the server refuses on its merits (a NaN operand, division by
+    zero, an overflow) raises :class:`~calcsvc.errors.CallerError` and does
+    not move the breaker. A failed call raises
+    :class:`~calcsvc.errors.BackendError`. Both carry the gRPC ``code()``
+    and ``details()``.
+
+    The breaker and the gRPC calls are measured in ``registry`` (default:
+    prometheus_client's global one), under the breaker label ``name``. Two
+    clients in one registry need two names.
+    """
+
+    def __init__(  # noqa: PLR0913 - the client's documented options
+        self,
+        target: str,
+        *,
+        fail_max: int = 2,
+        reset_timeout: float = 2.0,
+        timeout: float = 1.0,
+        registry: CollectorRegistry | None = None,
+        name: str = "calculator",
+    ) -> None:
+        """Create a client of the server at ``target`` (``host:port``)."""
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.target = target
+        self.timeout = timeout
+
+        listener = PrometheusListener(registry)
+        self.breaker: pybreaker.CircuitBreaker = create_breaker(
+            name, fail_max=fail_max, reset_timeout=reset_timeout
+        )
+        listener.watch(self.breaker)
+        self._guard = Guard(self.breaker, hooks=[listener.record_call])
+
+        self._channel = grpc.insecure_channel(target, channel_options(reset_timeout))
+        intercepted = grpc.intercept_channel(
+            self._channel,
+            ClientMetricsInterceptor(registry, [(SERVICE_NAME, m) for m in OPERATIONS]),
+        )
+        self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(intercepted)
+        self._closed = False
+
+    def add(self, a: float, b: float) -> float:
+        """Return a + b."""
+        return self._call(self._stub.Add, a, b)
+
+    def subtract(self, a: float, b: float) -> float:
+        """Return a - b."""
+        return self._call(self._stub.Subtract, a, b)
+
+    def multiply(self, a: float, b: float) -> float:
+        """Return a * b."""
+        return self._call(self._stub.Multiply, a, b)
+
+    def divide(self, a: float, b: float) -> float:
+        """Return a / b."""
+        return self._call(self._stub.Divide, a, b)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._closed = True
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        """Return the client itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the channel."""
+        self.close()
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[
+            calculator_pb2.BinaryRequest, calculator_pb2.Result
+        ],
+        a: float,
+        b: float,
+    ) -> float:
+        # Checked outside the breaker: these are the caller's mistakes, and
+        # must not count as failures of the backend.
+        if self._closed:
+            raise ValueError("the client is closed")
+        request = calculator_pb2.BinaryRequest(a=a, b=b)  # TypeError if not numbers
+
+        def attempt() -> float:
+            try:
+                reply = method(request, timeout=self.timeout)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
+            return reply.value
+
+        return self._guard.call(attempt)
