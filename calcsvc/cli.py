@@ -1,0 +1,359 @@
+"""The ``calcsvc`` command line: serve, calculate, check health, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from calcsvc import __version__
+from calcsvc.client import CalculatorClient
+from calcsvc.errors import BreakerOpenError, CallError
+from calcsvc.server import (
+    DEFAULT_HOST,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+    ServerConfig,
+    ServerStartError,
+    serve,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+log = logging.getLogger("calcsvc")
+
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
+DEFAULT_CLIENT_METRICS_PORT = 9465
+
+# Exit codes of `calcsvc health`, the same as grpc_health_probe's.
+HEALTH_SERVING = 0
+HEALTH_CANNOT_CONNECT = 2
+HEALTH_RPC_FAILED = 3
+HEALTH_NOT_SERVING = 4
+
+OPERATIONS = {
+    "add": ("add", "+"),
+    "sub": ("subtract", "-"),
+    "mul": ("multiply", "*"),
+    "div": ("divide", "/"),
+}
+
+
+def format_number(value: float) -> str:
+    """Write a float as Python does, without a trailing ``.0``."""
+    text = repr(value)
+    return text.removesuffix(".0")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
+    return port
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
+    return value
+
+
+def _operand(text: str) -> float:
+    # NaN and infinities are accepted here on purpose: the server's answer to
+    # them is part of the contract, and the CLI shows it.
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of every calcsvc command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="how much to log to stderr (default: info for serve and demo, "
+        "warning otherwise)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="calcsvc",
+        description="A gRPC calculator, and a client that stops calling it "
+        "while it is down.",
+    )
+    parser.add_argument("--version", action="version", version=f"calcsvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser(
+        "serve", parents=[common], help="run the Calculator server"
+    )
+    serve_parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help="gRPC port (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=DEFAULT_METRICS_PORT,
+        help="port of /metrics, on the same host; 0 turns it off "
+        "(default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        default=10,
+        help="threads that run calls (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--grace",
+        type=_non_negative,
+        default=5.0,
+        help="seconds calls in flight get to finish on shutdown (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--drain-delay",
+        type=_non_negative,
+        default=0.0,
+        help="seconds to keep answering, NOT_SERVING, before refusing new calls on "
+        "shutdown, so load balancers notice first (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--inject-latency-ms",
+        type=_non_negative,
+        default=0.0,
+        help="add this many milliseconds to every calculator call (default: off)",
+    )
+    serve_parser.add_argument(
+        "--inject-error-rate",
+        type=_rate,
+        default=0.0,
+        help="answer this fraction of calculator calls with UNAVAILABLE (default: off)",
+    )
+
+    client_options = argparse.ArgumentParser(add_help=False)
+    client_options.add_argument(
+        "--target", default=DEFAULT_TARGET, help="server address (default: %(default)s)"
+    )
+    client_options.add_argument(
+        "--timeout",
+        type=_positive,
+        default=1.0,
+        help="deadline in seconds (default: %(default)s)",
+    )
+    client_options.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve the client's /metrics on this port while it runs",
+    )
+    for command, (method, symbol) in OPERATIONS.items():
+        op_parser = commands.add_parser(
+            command,
+            parents=[common, client_options],
+            help=f"print A {symbol} B, computed by the server",
+        )
+        op_parser.add_argument("a", metavar="A", type=_operand)
+        op_parser.add_argument("b", metavar="B", type=_operand)
+        op_parser.set_defaults(method=method)
+
+    health_parser = commands.add_parser(
+        "health",
+        parents=[common],
+        help="check a server's health, with grpc_health_probe's exit codes",
+        description="Ask the standard gRPC health service. Exit codes: 0 serving, "
+        "2 cannot connect, 3 the check failed, 4 not serving.",
+    )
+    health_parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help="server address (default: %(default)s)"
+    )
+    health_parser.add_argument(
+        "--service", default="", help="service to check (default: the whole server)"
+    )
+    health_parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=1.0,
+        help="seconds to connect, then to check (default: %(default)s)",
+    )
+
+    demo_parser = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="replay an outage and recovery against a real server",
+    )
+    demo_parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the demo's server and metrics (default: %(default)s)",
+    )
+    demo_parser.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help="the server's gRPC port (default: %(default)s)",
+    )
+    demo_parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=DEFAULT_CLIENT_METRICS_PORT,
+        help="port of the client's /metrics (default: %(default)s)",
+    )
+    demo_parser.add_argument(
+        "--server-metrics-port",
+        type=_port,
+        default=DEFAULT_METRICS_PORT,
+        help="port of the server's /metrics (default: %(default)s)",
+    )
+    return parser
+
+
+def _configure_logging(level: str | None, default: str) -> None:
+    logging.basicConfig(
+        level=(level or default).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _error(message: str) -> None:
+    print(f"calcsvc: error: {message}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            workers=args.workers,
+            grace=args.grace,
+            drain_delay=args.drain_delay,
+            inject_latency_ms=args.inject_latency_ms,
+            inject_error_rate=args.inject_error_rate,
+        )
+        serve(config)
+    except (ValueError, ServerStartError) as error:
+        _error(str(error))
+        return 1
+    return 0
+
+
+def _calculate(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        try:
+            start_http_server(args.metrics_port)
+        except OSError as error:
+            _error(
+                f"cannot serve metrics on port {args.metrics_port}: {error.strerror}"
+            )
+            return 1
+    with CalculatorClient(args.target, timeout=args.timeout) as client:
+        try:
+            result = getattr(client, args.method)(args.a, args.b)
+        except (CallError, BreakerOpenError) as error:
+            _error(str(error))
+            return 1
+    print(format_number(result))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=args.timeout)
+        except grpc.FutureTimeoutError:
+            _error(f"cannot connect to {args.target} within {args.timeout:g}s")
+            return HEALTH_CANNOT_CONNECT
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as error:
+            _error(f"health check failed: {error.code().name}: {error.details()}")
+            return HEALTH_RPC_FAILED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"status: {status}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return HEALTH_NOT_SERVING
+    return HEALTH_SERVING
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from calcsvc.demo import DemoConfig, run  # noqa: PLC0415 - only the demo needs it
+
+    return run(
+        DemoConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            server_metrics_port=args.server_metrics_port,
+        )
+    )
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the calcsvc command line and return its exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(
+        args.log_level, "info" if args.command in ("serve", "demo") else "warning"
+    )
+
+    handlers = {"serve": _serve, "health": _health, "demo": _demo}
+    handler = handlers.get(args.command, _calculate)
+    if args.command != "serve":
+        # serve drains on SIGTERM itself; everything else stops like on ^C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
