@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer this fraction of calculator calls with UNAVAILABLE (default: off)",
     )
 
+    serve_parser.add_argument(
+        "--parent-pid",
+        type=int,
+        help="drain and exit once the process with this id, the server's "
+        "parent, has exited (used by calcsvc demo)",
+    )
+
     client_options = argparse.ArgumentParser(add_help=False)
     client_options.add_argument(
         "--target", default=DEFAULT_TARGET, help="server address (default: %(default)s)"
@@ -273,6 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
             drain_delay=args.drain_delay,
             inject_latency_ms=args.inject_latency_ms,
             inject_error_rate=args.inject_error_rate,
+            parent_pid=args.parent_pid,
         )
         serve(config)
     except (ValueError, ServerStartError) as error:

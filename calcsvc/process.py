@@ -6,8 +6,7 @@ same way.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -22,17 +21,6 @@ from calcsvc.server import ServerStartError, format_address
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to the child when its parent dies.
-
-    This way a parent killed with SIGKILL still leaves no server behind.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def check_serving(target: str, timeout: float, service: str = "") -> bool:
@@ -85,6 +73,9 @@ class ServerProcess:
             str(self.port),
             "--metrics-port",
             str(self.metrics_port),
+            # Even a parent killed with SIGKILL leaves no server behind.
+            "--parent-pid",
+            str(os.getpid()),
             *self._extra_args,
         ]
 
@@ -101,7 +92,6 @@ class ServerProcess:
             self.command,
             stdin=subprocess.DEVNULL,
             stderr=self._stderr,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - nothing but prctl runs in it
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ UNAVAILABLE, and the process exits 0. A second signal stops it at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -38,6 +39,7 @@ DEFAULT_METRICS_PORT = 9464
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 WHOLE_SERVER = ""
+_PARENT_POLL_SECONDS = 0.5
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
 
 
@@ -68,6 +70,8 @@ class ServerConfig:
     """Seconds to keep serving, NOT_SERVING, before refusing new calls."""
     inject_latency_ms: float = 0.0
     inject_error_rate: float = 0.0
+    parent_pid: int | None = None
+    """Drain and exit once this process, the server's parent, has exited."""
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, with a message that says why."""
@@ -248,5 +252,20 @@ def serve(config: ServerConfig) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    if config.parent_pid is not None:
+        threading.Thread(
+            target=_watch_parent,
+            args=(config.parent_pid, signalled),
+            name="calcsvc-parent-watch",
+            daemon=True,
+        ).start()
     signalled.wait()
     server.shutdown()
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Set ``stop`` once this process is no longer a child of ``parent_pid``."""
+    while not stop.wait(_PARENT_POLL_SECONDS):
+        if os.getppid() != parent_pid:
+            log.warning("parent process exited parent_pid=%d", parent_pid)
+            stop.set()

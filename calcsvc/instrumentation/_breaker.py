@@ -94,6 +94,14 @@ def _create(registry: CollectorRegistry) -> _Families:
 
 _families = per_registry(_create)
 
+# The transitions a breaker makes on its own, through its whole cycle.
+TRANSITIONS = (
+    ("closed", "open"),
+    ("open", "half_open"),
+    ("half_open", "closed"),
+    ("half_open", "open"),
+)
+
 
 def error_label(error: BaseException) -> str:
     """Name an error for metrics: its gRPC status code, else its class."""
@@ -149,13 +157,17 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
         """Listen to ``breaker`` and publish its current state and settings.
 
         pybreaker tells listeners only about changes, so a breaker that is
-        watched this way shows up in the metrics before its first call.
+        watched this way shows up in the metrics before its first call. Its
+        counters start at zero, so that the first trip is an increase that
+        ``increase()`` and ``rate()`` can see, however short it was.
         """
         breaker.add_listener(self)
         self._publish(breaker)
         name = breaker_label(breaker)
         for outcome in OUTCOMES:
             self._metrics.calls.labels(name, outcome)
+        for old, new in TRANSITIONS:
+            self._metrics.transitions.labels(name, old, new)
 
     @_never_raises
     def state_change(

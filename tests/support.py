@@ -1,0 +1,73 @@
+"""Helpers shared by the tests: free ports, scraping /metrics, polling."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a loopback port that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Metrics:
+    """One scrape of a /metrics endpoint, parsed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [
+            sample
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum the samples called ``name`` whose labels include ``labels``."""
+        matching = self._matching(name, labels)
+        if not matching:
+            pytest.fail(f"no sample {name}{labels} in the scrape")
+        return sum(matching)
+
+    def value_or_zero(self, name: str, **labels: str) -> float:
+        """Like :meth:`value`, but 0 for a series that does not exist yet."""
+        return sum(self._matching(name, labels))
+
+    def _matching(self, name: str, labels: dict[str, str]) -> list[float]:
+        return [
+            s.value
+            for s in self.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        ]
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        """Return every value of ``label`` among the samples called ``name``."""
+        return {s.labels[label] for s in self.samples if s.name == name}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.02)
+
+
+def scrape(port: int) -> Metrics:
+    """Fetch and parse http://127.0.0.1:<port>/metrics."""
+    url = f"http://{HOST}:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return Metrics(response.read().decode())
