@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -15,6 +16,8 @@ from prometheus_client import start_http_server
 
 from calcsvc import __version__
 from calcsvc.client import CalculatorClient
+from calcsvc.demo import DemoConfig
+from calcsvc.demo import run as run_demo
 from calcsvc.errors import BreakerOpenError, CallError
 from calcsvc.server import (
     DEFAULT_HOST,
@@ -38,6 +41,8 @@ HEALTH_SERVING = 0
 HEALTH_CANNOT_CONNECT = 2
 HEALTH_RPC_FAILED = 3
 HEALTH_NOT_SERVING = 4
+
+LOOP = DemoConfig()  # the loop's defaults, for the help text
 
 OPERATIONS = {
     "add": ("add", "+"),
@@ -87,6 +92,16 @@ def _number(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def _rate(text: str) -> float:
     value = _number(text)
     if not 0 <= value <= 1:
@@ -113,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         "warning otherwise)",
     )
 
+    faults = argparse.ArgumentParser(add_help=False)
+    injected = faults.add_argument_group(
+        "fault injection", "misbehave on purpose; health checks are never affected"
+    )
+    injected.add_argument(
+        "--inject-latency-ms",
+        type=_non_negative,
+        default=0.0,
+        help="add this many milliseconds to every calculator call (default: off)",
+    )
+    injected.add_argument(
+        "--inject-error-rate",
+        type=_rate,
+        default=0.0,
+        help="answer this fraction of calculator calls with UNAVAILABLE (default: off)",
+    )
+
     parser = argparse.ArgumentParser(
         prog="calcsvc",
         description="A gRPC calculator, and a client that stops calling it "
@@ -122,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve_parser = commands.add_parser(
-        "serve", parents=[common], help="run the Calculator server"
+        "serve", parents=[common, faults], help="run the Calculator server"
     )
     serve_parser.add_argument(
         "--host",
@@ -161,19 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep answering, NOT_SERVING, before refusing new calls on "
         "shutdown, so load balancers notice first (default: %(default)s)",
     )
-    serve_parser.add_argument(
-        "--inject-latency-ms",
-        type=_non_negative,
-        default=0.0,
-        help="add this many milliseconds to every calculator call (default: off)",
-    )
-    serve_parser.add_argument(
-        "--inject-error-rate",
-        type=_rate,
-        default=0.0,
-        help="answer this fraction of calculator calls with UNAVAILABLE (default: off)",
-    )
-
     serve_parser.add_argument(
         "--parent-pid",
         type=int,
@@ -228,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser(
         "demo",
-        parents=[common],
+        parents=[common, faults],
         help="replay an outage and recovery against a real server",
     )
     demo_parser.add_argument(
@@ -253,6 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         default=DEFAULT_METRICS_PORT,
         help="port of the server's /metrics (default: %(default)s)",
+    )
+    demo_parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="PNG",
+        help="draw the breaker state and the calls over time into this picture "
+        "(needs matplotlib: pip install 'calcsvc[report]')",
+    )
+    loop = demo_parser.add_argument_group(
+        "loop", "call steadily and stop the server again and again, for dashboards"
+    )
+    loop.add_argument(
+        "--loop",
+        action="store_true",
+        help="repeat outages and recoveries until stopped",
+    )
+    loop.add_argument(
+        "--cycles", type=_count, help="end after this many outages (default: never)"
+    )
+    loop.add_argument(
+        "--period",
+        type=_positive,
+        help="seconds of normal operation before each outage "
+        f"(default: {LOOP.period:g})",
+    )
+    loop.add_argument(
+        "--outage",
+        type=_positive,
+        help=f"seconds the server stays down (default: {LOOP.outage:g})",
+    )
+    loop.add_argument(
+        "--rate", type=_positive, help=f"calls per second (default: {LOOP.rate:g})"
     )
     return parser
 
@@ -331,15 +382,31 @@ def _health(args: argparse.Namespace) -> int:
     return HEALTH_SERVING
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from calcsvc.demo import DemoConfig, run  # noqa: PLC0415 - only the demo needs it
+LOOP_ONLY = (
+    "cycles",
+    "period",
+    "outage",
+    "rate",
+    "inject_latency_ms",
+    "inject_error_rate",
+)
 
-    return run(
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(
         DemoConfig(
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
             server_metrics_port=args.server_metrics_port,
+            loop=args.loop,
+            cycles=args.cycles,
+            period=args.period or LOOP.period,
+            outage=args.outage or LOOP.outage,
+            rate=args.rate or LOOP.rate,
+            inject_latency_ms=args.inject_latency_ms,
+            inject_error_rate=args.inject_error_rate,
+            report=args.report,
         )
     )
 
@@ -350,7 +417,14 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the calcsvc command line and return its exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and not args.loop:
+        given = [
+            f"--{name.replace('_', '-')}" for name in LOOP_ONLY if getattr(args, name)
+        ]
+        if given:
+            parser.error(f"{', '.join(given)} only work with --loop")
     _configure_logging(
         args.log_level, "info" if args.command in ("serve", "demo") else "warning"
     )

@@ -103,3 +103,60 @@ def test_an_interrupted_demo_leaves_no_server_behind(signum):
     demo.stdout.close()
     assert returncode == (-signal.SIGKILL if signum == signal.SIGKILL else 130)
     wait_until(lambda: not alive(pid), timeout=10)
+
+
+def test_the_loop_repeats_outages_and_draws_the_timeline(tmp_path):
+    picture = tmp_path / "outage.png"
+    loop = ["--loop", "--cycles", "1", "--period", "1", "--outage", "2.5"]
+    result = subprocess.run(
+        [*demo_command(), *loop, "--report", str(picture)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    transitions = re.findall(r"breaker -> (\w+)", result.stdout)
+    assert transitions[0] == "open"
+    assert transitions[-2:] == ["half_open", "closed"]
+    assert re.search(r"cycle 1: \d+ calls: .*rejected [1-9]", result.stdout)
+    assert "The breaker closed again after every outage." in result.stdout
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert not any(alive(pid) for pid in server_pids(result.stdout))
+
+
+def test_the_loop_stops_cleanly_on_an_interrupt():
+    demo = subprocess.Popen(
+        [*demo_command(), "--loop", "--period", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert demo.stdout is not None
+    seen = ""
+    while "Cycle 1" not in seen:
+        line = demo.stdout.readline()
+        assert line, "the demo ended before its first cycle"
+        seen += line
+    (pid,) = server_pids(seen)
+
+    demo.send_signal(signal.SIGINT)
+    output, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 0
+    assert "Client metrics:" in output
+    wait_until(lambda: not alive(pid), timeout=10)
+
+
+@pytest.mark.parametrize(
+    "options", [["--cycles", "2"], ["--inject-error-rate", "0.5"], ["--rate", "5"]]
+)
+def test_loop_options_need_the_loop(options):
+    result = subprocess.run(
+        [*demo_command(), *options],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "only work with --loop" in result.stderr
