@@ -6,9 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest protos clean
+.PHONY: setup demo test lint typecheck pytest protos prometheus clean
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) prometheus
+
+# The monitoring tests run a real Prometheus and its promtool.
+prometheus:
+	@monitoring/install-prometheus.sh
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "calcsvc needs Python 3.11 or newer: run make PYTHON=python3.11")'
@@ -17,7 +21,7 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: setup
+demo: $(INSTALLED)
 	$(BIN)/calcsvc demo
 
 test: lint typecheck pytest
