@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat outages and recoveries until stopped",
     )
     loop.add_argument(
+        "--target",
+        help="call this server (HOST:PORT) instead of the demo's own; "
+        "outages are up to you",
+    )
+    loop.add_argument(
         "--cycles", type=_count, help="end after this many outages (default: never)"
     )
     loop.add_argument(
@@ -383,6 +388,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 LOOP_ONLY = (
+    "target",
     "cycles",
     "period",
     "outage",
@@ -390,6 +396,7 @@ LOOP_ONLY = (
     "inject_latency_ms",
     "inject_error_rate",
 )
+OWN_SERVER_ONLY = ("cycles", "inject_latency_ms", "inject_error_rate")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -400,6 +407,7 @@ def _demo(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             server_metrics_port=args.server_metrics_port,
             loop=args.loop,
+            target=args.target,
             cycles=args.cycles,
             period=args.period or LOOP.period,
             outage=args.outage or LOOP.outage,
@@ -411,6 +419,22 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _given(args: argparse.Namespace, names: Sequence[str]) -> str:
+    return ", ".join(
+        f"--{name.replace('_', '-')}" for name in names if getattr(args, name)
+    )
+
+
+def _check_demo_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
+    """Refuse demo options that do nothing in the mode asked for."""
+    if not args.loop and (given := _given(args, LOOP_ONLY)):
+        parser.error(f"{given} only work with --loop")
+    if args.target and (given := _given(args, OWN_SERVER_ONLY)):
+        parser.error(f"{given} need the demo's own server, not --target")
+
+
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -419,12 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the calcsvc command line and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo" and not args.loop:
-        given = [
-            f"--{name.replace('_', '-')}" for name in LOOP_ONLY if getattr(args, name)
-        ]
-        if given:
-            parser.error(f"{', '.join(given)} only work with --loop")
+    if args.command == "demo":
+        _check_demo_options(parser, args)
     _configure_logging(
         args.log_level, "info" if args.command in ("serve", "demo") else "warning"
     )

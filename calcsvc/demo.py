@@ -15,7 +15,9 @@ only if every call behaved as described.
 
 With ``loop`` it calls steadily instead and stops the server again and again,
 so a dashboard shows repeated outages and recoveries; it prints one line per
-breaker transition and a summary per cycle. Either way the client's
+breaker transition and a summary per cycle. Given a ``target``, the loop
+calls a server it does not own, and the outages are whatever happens to that
+server: stop it yourself to see one. Either way the client's
 ``/metrics`` is served the whole time, and the recorded timeline can be drawn
 (:mod:`calcsvc.report`).
 """
@@ -62,6 +64,8 @@ class DemoConfig:
     metrics_port: int = 9465
     server_metrics_port: int = 9464
     loop: bool = False
+    target: str | None = None
+    """A server to call instead of the demo's own (loop only)."""
     cycles: int | None = None
     """Outages the loop makes before it ends; None: until it is stopped."""
     period: float = 10.0
@@ -83,6 +87,12 @@ class DemoConfig:
             raise ValueError("period, outage and rate must be positive")
         if not self.loop and (self.inject_latency_ms or self.inject_error_rate):
             raise ValueError("injected faults need the loop")
+        if self.target is not None and not self.loop:
+            raise ValueError("a target needs the loop")
+        if self.target is not None and (
+            self.cycles or self.inject_latency_ms or self.inject_error_rate
+        ):
+            raise ValueError("cycles and injected faults need the demo's own server")
 
 
 @dataclass
@@ -188,7 +198,7 @@ class _Demo:
             metrics_port=config.server_metrics_port,
             extra_args=extra_args,
         )
-        target = format_address(_reachable(config.host), config.port)
+        target = config.target or format_address(_reachable(config.host), config.port)
         self.client = CalculatorClient(target, registry=registry, name=NAME)
         self.start = time.monotonic()
         self.recorder = _StateRecorder(self.start)
@@ -296,36 +306,51 @@ class _Demo:
 
     def run_loop(self) -> None:
         config = self.config
-        recovery = self.client.breaker.reset_timeout + RECOVERY_MARGIN
-        self.say(
-            f"loop: {config.period:g}s normal, {config.outage:g}s outage, "
-            f"{config.rate:g} calls/s; stop with Ctrl-C"
-        )
-        self.start_server("started")
+        if config.target is None:
+            self.say(
+                f"loop: {config.period:g}s normal, {config.outage:g}s outage, "
+                f"{config.rate:g} calls/s; stop with Ctrl-C"
+            )
+            self.start_server("started")
+        else:
+            self.say(
+                f"loop: {config.rate:g} calls/s to {config.target}; stop that "
+                "server for an outage, and this demo with Ctrl-C"
+            )
         outcomes: Counter[str] = Counter()
         stop = threading.Event()
         caller = threading.Thread(
             target=self.traffic, args=(stop, outcomes), name="calcsvc-demo-calls"
         )
         caller.start()
-        cycle = 0
         try:
-            while config.cycles is None or cycle < config.cycles:
-                cycle += 1
-                before = outcomes.copy()
-                self.say(f"\nCycle {cycle}")
-                time.sleep(config.period)
-                self.stop_server()
-                time.sleep(config.outage)
-                self.start_server("restarted")
-                if not self.wait_until_closed(recovery):
-                    self.problems.append(f"cycle {cycle}: the breaker did not close")
-                counts = outcomes - before
-                summary = ", ".join(f"{name} {counts[name]}" for name in sorted(counts))
-                self.say(f"  cycle {cycle}: {counts.total()} calls: {summary}")
+            if config.target is None:
+                self.cycles(outcomes)
+            else:
+                while caller.is_alive():
+                    caller.join(1.0)
         finally:
             stop.set()
             caller.join()
+
+    def cycles(self, outcomes: Counter[str]) -> None:
+        """Stop and restart the demo's server, cycle after cycle."""
+        config = self.config
+        recovery = self.client.breaker.reset_timeout + RECOVERY_MARGIN
+        cycle = 0
+        while config.cycles is None or cycle < config.cycles:
+            cycle += 1
+            before = outcomes.copy()
+            self.say(f"\nCycle {cycle}")
+            time.sleep(config.period)
+            self.stop_server()
+            time.sleep(config.outage)
+            self.start_server("restarted")
+            if not self.wait_until_closed(recovery):
+                self.problems.append(f"cycle {cycle}: the breaker did not close")
+            counts = outcomes - before
+            summary = ", ".join(f"{name} {counts[name]}" for name in sorted(counts))
+            self.say(f"  cycle {cycle}: {counts.total()} calls: {summary}")
 
     def close(self) -> None:
         if self.server.running:
@@ -390,7 +415,8 @@ def run(config: DemoConfig, registry: CollectorRegistry | None = None) -> int:
             )
             return 1
     try:
-        for port in (config.port, config.server_metrics_port, config.metrics_port):
+        own_ports = () if config.target else (config.port, config.server_metrics_port)
+        for port in (*own_ports, config.metrics_port):
             _check_port_free(config.host, port)
         metrics_server, _ = start_http_server(
             config.metrics_port, config.host, registry
@@ -401,9 +427,10 @@ def run(config: DemoConfig, registry: CollectorRegistry | None = None) -> int:
 
     demo = _Demo(config, registry)
     breaker = demo.client.breaker
+    metrics = format_address(config.host, config.metrics_port)
     demo.say(
-        f"calcsvc demo: server {demo.server.target}, client metrics on "
-        f"http://{format_address(config.host, config.metrics_port)}/metrics"
+        f"calcsvc demo: server {config.target or demo.server.target}, "
+        f"client metrics on http://{metrics}/metrics"
     )
     demo.say(
         f"breaker: fail_max={breaker.fail_max} reset_timeout={breaker.reset_timeout:g}s"

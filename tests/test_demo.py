@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import HOST, free_port, wait_until
+from tests.support import HOST, free_port, scrape, wait_until
 
 
 def demo_command(port=None):
@@ -147,8 +147,46 @@ def test_the_loop_stops_cleanly_on_an_interrupt():
     wait_until(lambda: not alive(pid), timeout=10)
 
 
+def test_the_loop_calls_a_server_it_does_not_own(start_server):
+    server = start_server()
+    metrics_port = free_port()
+    demo = subprocess.Popen(
+        [
+            *demo_command(), "--metrics-port", str(metrics_port),
+            "--loop", "--target", server.target, "--rate", "50",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+
+    def value(name, **labels):
+        try:
+            return scrape(metrics_port).value_or_zero(name, **labels)
+        except OSError:
+            return 0.0
+
+    wait_until(lambda: value("circuit_breaker_calls_total", outcome="success") > 0)
+    server.stop()  # the outage is ours to make
+    wait_until(lambda: value("circuit_breaker_state", state="open") == 1)
+    server.start()
+    wait_until(lambda: value("circuit_breaker_state", state="closed") == 1)
+
+    demo.send_signal(signal.SIGINT)
+    output, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 0
+    assert re.findall(r"breaker -> (\w+)", output)[:1] == ["open"]
+    assert "server started" not in output
+
+
 @pytest.mark.parametrize(
-    "options", [["--cycles", "2"], ["--inject-error-rate", "0.5"], ["--rate", "5"]]
+    "options",
+    [
+        ["--cycles", "2"],
+        ["--inject-error-rate", "0.5"],
+        ["--rate", "5"],
+        ["--target", "localhost:8080"],
+    ],
 )
 def test_loop_options_need_the_loop(options):
     result = subprocess.run(
@@ -160,3 +198,15 @@ def test_loop_options_need_the_loop(options):
     )
     assert result.returncode == 2
     assert "only work with --loop" in result.stderr
+
+
+def test_a_target_leaves_no_server_to_stop():
+    result = subprocess.run(
+        [*demo_command(), "--loop", "--target", "localhost:8080", "--cycles", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--cycles need the demo's own server" in result.stderr
