@@ -129,7 +129,7 @@ class Step:
     def line(self) -> str:
         """Format the step as one timeline line."""
         text = (
-            f"  +{self.offset:6.3f}s  {self.operation:<10} {self.outcome:<9} "
+            f"  +{self.offset:7.3f}s  {self.operation:<10} {self.outcome:<9} "
             f"{self.result:<13} network={'yes' if self.network else 'no ':<4} "
             f"breaker: {' -> '.join(self.path)}"
         )
@@ -167,6 +167,9 @@ class _StateRecorder(pybreaker.CircuitBreakerListener):
 
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As servers do: a port whose last connections linger in TIME_WAIT
+        # is free, one that something listens on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:
@@ -353,10 +356,11 @@ class _Demo:
             self.say(f"  cycle {cycle}: {counts.total()} calls: {summary}")
 
     def close(self) -> None:
-        if self.server.running:
-            self.stop_server()
-        self.client.close()
+        # The timeline ends here: stopping the server now is not an outage.
         self.timeline.end = self.now()
+        if self.server.running:
+            self.server.stop()
+        self.client.close()
 
     def _network_attempts(self) -> float:
         value = self.registry.get_sample_value

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from calcsvc.demo import _check_port_free
 from tests.support import HOST, free_port, scrape, wait_until
 
 
@@ -82,6 +83,18 @@ def test_a_port_in_use_is_named():
     assert result.returncode == 1
     assert f"port {port} on {HOST} is already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_port_left_in_time_wait_counts_as_free():
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((HOST, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection((HOST, port)):
+            accepted, _ = listener.accept()
+            accepted.close()  # the side that closes first lingers in TIME_WAIT
+    _check_port_free(HOST, port)  # no ServerStartError
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
