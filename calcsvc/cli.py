@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,9 +29,9 @@ from calcsvc.server import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
-log = logging.getLogger("calcsvc")
+T = TypeVar("T")
 
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_CLIENT_METRICS_PORT = 9465
@@ -58,64 +58,37 @@ def format_number(value: float) -> str:
     return text.removesuffix(".0")
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
-    return port
+def _argument(
+    convert: Callable[[str], T], kind: str, accept: Callable[[T], bool], need: str
+) -> Callable[[str], T]:
+    """Build an argparse type: ``convert`` the text, then check the value."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{need}: {text!r}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if math.isnan(value) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
-
-
-def _operand(text: str) -> float:
-    # NaN and infinities are accepted here on purpose: the server's answer to
-    # them is part of the contract, and the CLI shows it.
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+_port = _argument(
+    int, "a port number", lambda p: 0 <= p <= 65535, "port out of range 0-65535"
+)
+_count = _argument(int, "a whole number", lambda n: n >= 1, "must be at least 1")
+_positive = _argument(
+    float, "a number", lambda x: 0 < x < math.inf, "must be a finite number above 0"
+)
+_non_negative = _argument(
+    float, "a number", lambda x: 0 <= x < math.inf, "must be a finite number, 0 or more"
+)
+_rate = _argument(float, "a number", lambda x: 0 <= x <= 1, "must be between 0 and 1")
+# NaN and infinities are operands on purpose: the server's answer to them is
+# part of the contract, and the CLI shows it.
+_operand = _argument(float, "a number", lambda _: True, "")
 
 
 def build_parser() -> argparse.ArgumentParser:

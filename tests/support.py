@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import TYPE_CHECKING
@@ -71,3 +73,14 @@ def scrape(port: int) -> Metrics:
     url = f"http://{HOST}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return Metrics(response.read().decode())
+
+
+def run_calcsvc(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the calcsvc command line to its end and capture what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "calcsvc", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -9,19 +9,24 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from calcsvc.demo import _check_port_free
-from tests.support import HOST, free_port, scrape, wait_until
+from calcsvc.demo import DemoConfig, _check_port_free, _Demo
+from tests.support import HOST, free_port, run_calcsvc, scrape, wait_until
 
 
-def demo_command(port=None):
+def demo_args(port=None):
     return [
-        sys.executable, "-m", "calcsvc", "demo",
+        "demo",
         "--host", HOST,
         "--port", str(port or free_port()),
         "--metrics-port", str(free_port()),
         "--server-metrics-port", str(free_port()),
     ]  # fmt: skip
+
+
+def demo_command(port=None):
+    return [sys.executable, "-m", "calcsvc", *demo_args(port)]
 
 
 def alive(pid):
@@ -40,9 +45,7 @@ def server_pids(output):
 
 
 def test_the_demo_replays_outage_and_recovery():
-    result = subprocess.run(
-        demo_command(), capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_calcsvc(*demo_args(), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     outcomes = re.findall(r"add\(5, 3\)\s+(\w+)", result.stdout)
     assert outcomes == [
@@ -77,9 +80,7 @@ def test_a_port_in_use_is_named():
         taken.bind((HOST, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            demo_command(port), capture_output=True, text=True, timeout=60, check=False
-        )
+        result = run_calcsvc(*demo_args(port), timeout=60)
     assert result.returncode == 1
     assert f"port {port} on {HOST} is already in use" in result.stderr
     assert "Traceback" not in result.stderr
@@ -121,13 +122,7 @@ def test_an_interrupted_demo_leaves_no_server_behind(signum):
 def test_the_loop_repeats_outages_and_draws_the_timeline(tmp_path):
     picture = tmp_path / "outage.png"
     loop = ["--loop", "--cycles", "1", "--period", "1", "--outage", "2.5"]
-    result = subprocess.run(
-        [*demo_command(), *loop, "--report", str(picture)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_calcsvc(*demo_args(), *loop, "--report", str(picture), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     transitions = re.findall(r"breaker -> (\w+)", result.stdout)
     assert transitions[0] == "open"
@@ -202,24 +197,25 @@ def test_the_loop_calls_a_server_it_does_not_own(start_server):
     ],
 )
 def test_loop_options_need_the_loop(options):
-    result = subprocess.run(
-        [*demo_command(), *options],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_calcsvc(*demo_args(), *options)
     assert result.returncode == 2
     assert "only work with --loop" in result.stderr
 
 
 def test_a_target_leaves_no_server_to_stop():
-    result = subprocess.run(
-        [*demo_command(), "--loop", "--target", "localhost:8080", "--cycles", "1"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    result = run_calcsvc(
+        *demo_args(), "--loop", "--target", "localhost:8080", "--cycles", "1"
     )
     assert result.returncode == 2
     assert "--cycles need the demo's own server" in result.stderr
+
+
+def test_the_loop_passes_injected_faults_to_its_server():
+    config = DemoConfig(loop=True, inject_latency_ms=5, inject_error_rate=0.25)
+    demo = _Demo(config, CollectorRegistry())
+    try:
+        command = demo.server.command
+    finally:
+        demo.close()
+    assert command[command.index("--inject-latency-ms") + 1] == "5"
+    assert command[command.index("--inject-error-rate") + 1] == "0.25"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
 import sys
 
 import grpc
@@ -16,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.calculator import SERVICE_NAME
-from tests.support import HOST, free_port, scrape, wait_until
+from tests.support import HOST, free_port, run_calcsvc, scrape, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -220,23 +219,14 @@ def test_drain_delay_answers_not_serving_before_refusing_calls(
 
 
 def test_a_port_in_use_is_a_clear_error(shared_server):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "calcsvc",
-            "serve",
-            "--host",
-            HOST,
-            "--port",
-            str(shared_server.port),
-            "--metrics-port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    result = run_calcsvc(
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(shared_server.port),
+        "--metrics-port",
+        str(free_port()),
     )
     assert result.returncode == 1
     assert f"cannot listen on {HOST}:{shared_server.port}" in result.stderr
@@ -244,23 +234,14 @@ def test_a_port_in_use_is_a_clear_error(shared_server):
 
 
 def test_a_metrics_port_in_use_is_a_clear_error(shared_server):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "calcsvc",
-            "serve",
-            "--host",
-            HOST,
-            "--port",
-            str(free_port()),
-            "--metrics-port",
-            str(shared_server.metrics_port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    result = run_calcsvc(
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(free_port()),
+        "--metrics-port",
+        str(shared_server.metrics_port),
     )
     assert result.returncode == 1
     assert f"cannot serve metrics on {HOST}:{shared_server.metrics_port}" in (
