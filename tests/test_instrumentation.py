@@ -124,7 +124,7 @@ def test_a_broken_listener_never_changes_the_breakers_decisions(caplog):
     breaker, listener, guard = watched_breaker(
         registry, fail_max=2, reset_timeout=60, throw_new_error_on_trip=False
     )
-    listener._metrics = _Broken()
+    listener._series = _Broken()
 
     with caplog.at_level(logging.ERROR):
         assert guard.call(lambda: 1) == 1

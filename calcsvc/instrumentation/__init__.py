@@ -6,6 +6,8 @@ this package registers nothing.
 
 from calcsvc.instrumentation._breaker import PrometheusListener, error_label
 from calcsvc.instrumentation._grpc import (
+    AioClientMetricsInterceptor,
+    AioServerMetricsInterceptor,
     ClientMetricsInterceptor,
     ServerMetricsInterceptor,
     serving_gauge,
@@ -15,6 +17,8 @@ from calcsvc.instrumentation._registry import LATENCY_BUCKETS
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "AioClientMetricsInterceptor",
+    "AioServerMetricsInterceptor",
     "ClientMetricsInterceptor",
     "PrometheusListener",
     "ServerMetricsInterceptor",
