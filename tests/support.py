@@ -1,7 +1,8 @@
-"""Helpers shared by the tests: free ports, scraping /metrics, polling."""
+"""Helpers shared by the tests: free ports, scraping /metrics, polling, clients."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from calcsvc import aio
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,3 +74,52 @@ def scrape(port: int) -> Metrics:
     url = f"http://{HOST}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return Metrics(response.read().decode())
+
+
+class BlockingAioClient:
+    """A :class:`calcsvc.aio.CalculatorClient` driven from synchronous test code.
+
+    Each method runs the client's coroutine to its end on the adapter's own
+    event loop, so the tests written for the threaded client run unchanged
+    against the asyncio one.
+    """
+
+    def __init__(self, target, **options):
+        self._runner = asyncio.Runner()
+        try:
+            self._client = self._runner.run(self._create(target, options))
+        except BaseException:
+            self._runner.close()
+            raise
+        self.breaker = self._client.breaker
+
+    @staticmethod
+    async def _create(target, options):
+        return aio.CalculatorClient(target, **options)
+
+    def add(self, a, b):
+        return self._runner.run(self._client.add(a, b))
+
+    def subtract(self, a, b):
+        return self._runner.run(self._client.subtract(a, b))
+
+    def multiply(self, a, b):
+        return self._runner.run(self._client.multiply(a, b))
+
+    def divide(self, a, b):
+        return self._runner.run(self._client.divide(a, b))
+
+    def close(self):
+        self._runner.run(self._client.close())
+
+    def shut_down(self):
+        """Close the client and its event loop."""
+        if not self._client._closed:
+            self.close()
+        self._runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc_info):
+        self.close()
