@@ -13,7 +13,7 @@ import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.breaker import Breaker, Guard, create_breaker
-from calcsvc.calculator import OPERATIONS, SERVICE_NAME
+from calcsvc.calculator import METHODS
 from calcsvc.errors import from_rpc_error
 from calcsvc.instrumentation import ClientMetricsInterceptor, PrometheusListener
 
@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
-
-
-# The Calculator's methods, whose client series exist at zero from the start.
-METHODS = tuple((SERVICE_NAME, method) for method in OPERATIONS)
 
 
 def channel_options(reset_timeout: float) -> list[tuple[str, int]]:

@@ -69,6 +69,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a zombie waiting for its reaper does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # noqa: PTH123
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def scrape(port: int) -> Metrics:
     """Fetch and parse http://127.0.0.1:<port>/metrics."""
     url = f"http://{HOST}:{port}/metrics"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import HOST, free_port, wait_until
+from tests.support import HOST, alive, free_port, wait_until
 
 
 def demo_command(port=None):
@@ -21,15 +21,6 @@ def demo_command(port=None):
         "--metrics-port", str(free_port()),
         "--server-metrics-port", str(free_port()),
     ]  # fmt: skip
-
-
-def alive(pid):
-    """Whether process ``pid`` runs; a zombie waiting for its reaper does not."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:  # noqa: PTH123
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def server_pids(output):

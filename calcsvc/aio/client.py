@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Self
 import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
-from calcsvc.client import METHODS, CalculatorClientBase, channel_options
+from calcsvc.calculator import METHODS
+from calcsvc.client import CalculatorClientBase, channel_options
 from calcsvc.errors import from_rpc_error
 from calcsvc.instrumentation import AioClientMetricsInterceptor
 
