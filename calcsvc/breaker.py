@@ -14,9 +14,15 @@ import logging
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeAlias, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 
 import pybreaker
 
@@ -74,8 +80,7 @@ class LoggingListener(pybreaker.CircuitBreakerListener):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """A breaker's leave for one call to go ahead, from :meth:`Breaker.admit`."""
 
     state: pybreaker.CircuitBreakerState
@@ -160,6 +165,11 @@ class Breaker(pybreaker.CircuitBreaker):
         # them are in flight. A new half-open state starts a new count.
         self._trial_state: pybreaker.CircuitBreakerState | None = None
         self._trials = 0
+        # When the reset timeout ends, as time.time(), for the opened_at and
+        # reset_timeout it was worked out from: reading the clock as a
+        # datetime on every rejected call would cost more than the rest of
+        # the rejection.
+        self._reopen: tuple[object, float, float] = (None, 0.0, 0.0)
 
     @property
     def half_open_max_calls(self) -> int:
@@ -190,6 +200,7 @@ class Breaker(pybreaker.CircuitBreaker):
                 half-open with ``half_open_max_calls`` trial calls in flight.
 
         """
+        # The listeners are read under the lock, as pybreaker changes them.
         with self._lock:
             state = self.state
             if state.name == pybreaker.STATE_OPEN:
@@ -207,7 +218,7 @@ class Breaker(pybreaker.CircuitBreaker):
                         breaker_label(self), pybreaker.STATE_HALF_OPEN
                     )
 
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener.before_call(self, func, *args, **kwargs)
             if trial:
                 self._trials += 1
@@ -230,7 +241,7 @@ class Breaker(pybreaker.CircuitBreaker):
             state = self.state
             if state is not admission.state:
                 # A late result: heard by the listeners, but it decides nothing.
-                for listener in self.listeners:
+                for listener in self._listeners:
                     if failed and error is not None:
                         listener.failure(self, error)
                     else:
@@ -283,14 +294,14 @@ class Breaker(pybreaker.CircuitBreaker):
     def _count_success(self, state: pybreaker.CircuitBreakerState) -> None:
         self._state_storage.reset_counter()
         state.on_success()
-        for listener in self.listeners:
+        for listener in self._listeners:
             listener.success(self)
 
     def _count_failure(
         self, state: pybreaker.CircuitBreakerState, error: BaseException
     ) -> None:
         self._inc_counter()
-        for listener in self.listeners:
+        for listener in self._listeners:
             listener.failure(self, error)
         try:
             state.on_failure(error)
@@ -307,7 +318,12 @@ class Breaker(pybreaker.CircuitBreaker):
         opened_at = self._state_storage.opened_at
         if opened_at is None:
             return True
-        return datetime.now(UTC) >= opened_at + timedelta(seconds=self.reset_timeout)
+        reset_timeout = self.reset_timeout
+        seen_at, seen_timeout, ends = self._reopen
+        if opened_at is not seen_at or reset_timeout != seen_timeout:
+            ends = opened_at.timestamp() + reset_timeout
+            self._reopen = (opened_at, reset_timeout, ends)
+        return time.time() >= ends
 
     def _follow(
         self, admission: Admission, generator: Generator[object, object, object]
@@ -367,6 +383,9 @@ class Guard:
     - ``rejected``: the breaker refused the call; nothing was attempted, and
       the caller gets :class:`~calcsvc.errors.BreakerOpenError`.
 
+    With a :class:`Breaker` the guard asks :meth:`Breaker.admit` and tells
+    :meth:`Breaker.record` itself, as the breaker's own calls do; with
+    pybreaker's breaker it goes through :meth:`pybreaker.CircuitBreaker.call`.
     A late result (see :class:`Breaker`) is reported with its outcome like
     any other. A hook that raises is logged and otherwise ignored:
     instrumentation never changes a call's result.
@@ -384,21 +403,18 @@ class Guard:
 
     def call(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``func(*args, **kwargs)`` if the breaker lets it through."""
-        attempted = False
-
-        def attempt() -> T:
-            nonlocal attempted
-            attempted = True
-            return func(*args, **kwargs)
+        breaker = self.breaker
+        if not isinstance(breaker, Breaker):
+            return self._call_through(breaker, func, *args, **kwargs)
 
         start = time.perf_counter()
+        admission = self._admit(breaker, func, args, kwargs, start)
         try:
-            result = self.breaker.call(attempt)
+            result = func(*args, **kwargs)
         except BaseException as error:
-            replacement = self._settle(error, attempted=attempted, start=start)
-            if replacement is None:
-                raise
-            raise replacement from None
+            self._record_error(breaker, admission, error, start)
+            raise
+        breaker.record(admission)
         self._report("success", start)
         return result
 
@@ -421,42 +437,75 @@ class Guard:
                 "asyncio calls need a calcsvc.breaker.Breaker, "
                 f"not {type(breaker).__name__}"
             )
-        attempted = False
-
-        async def attempt() -> T:
-            nonlocal attempted
-            attempted = True
-            return await func(*args, **kwargs)
 
         start = time.perf_counter()
+        admission = self._admit(breaker, func, args, kwargs, start)
         try:
-            result = await breaker.call_async(attempt)
+            result = await func(*args, **kwargs)
         except BaseException as error:
-            replacement = self._settle(error, attempted=attempted, start=start)
-            if replacement is None:
-                raise
-            raise replacement from None
+            self._record_error(breaker, admission, error, start)
+            raise
+        breaker.record(admission)
         self._report("success", start)
         return result
 
-    def _settle(
-        self, error: BaseException, *, attempted: bool, start: float
-    ) -> BaseException | None:
-        """Report a call that raised ``error``; return what to raise in its place."""
-        if isinstance(error, pybreaker.CircuitBreakerError):
+    def _admit(
+        self,
+        breaker: Breaker,
+        func: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        start: float,
+    ) -> Admission:
+        try:
+            return breaker.admit(func, *args, **kwargs)
+        except BreakerOpenError:
+            self._report("rejected", start)
+            raise
+
+    def _record_error(
+        self, breaker: Breaker, admission: Admission, error: BaseException, start: float
+    ) -> None:
+        """Record a call that raised ``error``; raise what replaces it, if anything."""
+        counted = breaker.is_system_error(error)
+        try:
+            breaker.record(admission, error)
+        finally:
+            self._report("failure" if counted else "ignored", start)
+
+    def _call_through(
+        self,
+        breaker: pybreaker.CircuitBreaker,
+        func: Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Call through pybreaker's own breaker, which shows no admission."""
+        attempted = False
+
+        def attempt() -> T:
+            nonlocal attempted
+            attempted = True
+            return func(*args, **kwargs)
+
+        start = time.perf_counter()
+        try:
+            result = breaker.call(attempt)
+        except pybreaker.CircuitBreakerError:
             # Raised before the attempt, this is a rejection. Raised after it,
             # the attempt failed and tripped a breaker that was built with
             # throw_new_error_on_trip.
             if attempted:
                 self._report("failure", start)
-                return None
+                raise
             self._report("rejected", start)
-            if isinstance(error, BreakerOpenError):
-                return None
-            return BreakerOpenError(breaker_label(self.breaker))
-        counted = self.breaker.is_system_error(error)
-        self._report("failure" if counted else "ignored", start)
-        return None
+            raise BreakerOpenError(breaker_label(breaker)) from None
+        except BaseException as error:
+            counted = breaker.is_system_error(error)
+            self._report("failure" if counted else "ignored", start)
+            raise
+        self._report("success", start)
+        return result
 
     def _report(self, outcome: Outcome, start: float) -> None:
         elapsed = time.perf_counter() - start

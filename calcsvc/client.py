@@ -13,9 +13,9 @@ import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.breaker import Breaker, Guard, create_breaker
-from calcsvc.calculator import METHODS
+from calcsvc.calculator import METHODS, OPERATIONS, SERVICE_NAME
 from calcsvc.errors import from_rpc_error
-from calcsvc.instrumentation import ClientMetricsInterceptor, PrometheusListener
+from calcsvc.instrumentation import ClientCallMetrics, PrometheusListener
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
+
+
+# The path of each Calculator method, as gRPC and its metrics name it.
+PATHS = {name: f"/{SERVICE_NAME}/{name}" for name in OPERATIONS}
 
 
 def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
@@ -90,13 +94,12 @@ class CalculatorClientBase:
         )
         listener.watch(self.breaker)
         self._guard = Guard(self.breaker, hooks=[listener.record_call])
+        self._calls = ClientCallMetrics(registry, METHODS)
         self._closed = False
-        self._connect(registry, reset_timeout)
+        self._connect(reset_timeout)
 
-    def _connect(
-        self, registry: CollectorRegistry | None, reset_timeout: float
-    ) -> None:
-        """Open the channel, with the gRPC metrics in ``registry``."""
+    def _connect(self, reset_timeout: float) -> None:
+        """Open the channel."""
         raise NotImplementedError
 
     def _request(self, a: float, b: float) -> calculator_pb2.BinaryRequest:
@@ -122,32 +125,27 @@ class CalculatorClient(CalculatorClientBase):
     breaker decides for all of them.
     """
 
-    def _connect(
-        self, registry: CollectorRegistry | None, reset_timeout: float
-    ) -> None:
+    def _connect(self, reset_timeout: float) -> None:
         self._channel = grpc.insecure_channel(
             self.target, channel_options(reset_timeout)
         )
-        intercepted = grpc.intercept_channel(
-            self._channel, ClientMetricsInterceptor(registry, METHODS)
-        )
-        self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(intercepted)
+        self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(self._channel)
 
     def add(self, a: float, b: float) -> float:
         """Return a + b."""
-        return self._call(self._stub.Add, a, b)
+        return self._call("Add", self._stub.Add, a, b)
 
     def subtract(self, a: float, b: float) -> float:
         """Return a - b."""
-        return self._call(self._stub.Subtract, a, b)
+        return self._call("Subtract", self._stub.Subtract, a, b)
 
     def multiply(self, a: float, b: float) -> float:
         """Return a * b."""
-        return self._call(self._stub.Multiply, a, b)
+        return self._call("Multiply", self._stub.Multiply, a, b)
 
     def divide(self, a: float, b: float) -> float:
         """Return a / b."""
-        return self._call(self._stub.Divide, a, b)
+        return self._call("Divide", self._stub.Divide, a, b)
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -169,6 +167,7 @@ class CalculatorClient(CalculatorClientBase):
 
     def _call(
         self,
+        name: str,
         method: grpc.UnaryUnaryMultiCallable[
             calculator_pb2.BinaryRequest, calculator_pb2.Result
         ],
@@ -178,10 +177,16 @@ class CalculatorClient(CalculatorClientBase):
         request = self._request(a, b)
 
         def attempt() -> float:
+            call = self._calls.start(PATHS[name])
             try:
                 reply = method(request, timeout=self.timeout)
             except grpc.RpcError as error:
+                call.failed(error)
                 raise from_rpc_error(error) from None
+            except BaseException as error:
+                call.failed(error)
+                raise
+            call.succeeded()
             return reply.value
 
         return self._guard.call(attempt)

@@ -64,16 +64,22 @@ class BreakerOpenError(pybreaker.CircuitBreakerError):
 
     def __init__(self, breaker: str, state: str = pybreaker.STATE_OPEN) -> None:
         """Create the error for a call that breaker ``breaker`` rejected."""
-        reason = (
-            "is half-open and its trial calls are in flight"
-            if state == pybreaker.STATE_HALF_OPEN
-            else "is open"
-        )
-        super().__init__(
-            f"breaker {breaker!r} {reason}: call rejected without a network attempt"
-        )
+        super().__init__(breaker, state)
         self.breaker = breaker
         self.state = state
+
+    def __str__(self) -> str:
+        """Say which breaker rejected the call, and why."""
+        # Written when it is read: most rejections are never printed.
+        reason = (
+            "is half-open and its trial calls are in flight"
+            if self.state == pybreaker.STATE_HALF_OPEN
+            else "is open"
+        )
+        return (
+            f"breaker {self.breaker!r} {reason}: "
+            "call rejected without a network attempt"
+        )
 
 
 def from_rpc_error(error: grpc.RpcError) -> CallError:

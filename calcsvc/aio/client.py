@@ -7,15 +7,11 @@ from typing import TYPE_CHECKING, Self
 import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
-from calcsvc.calculator import METHODS
-from calcsvc.client import CalculatorClientBase, channel_options
+from calcsvc.client import PATHS, CalculatorClientBase, channel_options
 from calcsvc.errors import from_rpc_error
-from calcsvc.instrumentation import AioClientMetricsInterceptor
 
 if TYPE_CHECKING:
     from types import TracebackType
-
-    from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorAsyncStub
 
@@ -30,15 +26,9 @@ class CalculatorClient(CalculatorClientBase):
     pybreaker counts any error, and the cancellation goes on to the caller.
     """
 
-    def _connect(
-        self, registry: CollectorRegistry | None, reset_timeout: float
-    ) -> None:
-        interceptor = AioClientMetricsInterceptor(registry, METHODS)
+    def _connect(self, reset_timeout: float) -> None:
         self._channel = grpc.aio.insecure_channel(
-            self.target,
-            channel_options(reset_timeout),
-            # grpc-stubs leaves aio interceptors to be cast or ignored.
-            interceptors=[interceptor],  # type: ignore[list-item]
+            self.target, channel_options(reset_timeout)
         )
         self._stub: CalculatorAsyncStub = calculator_pb2_grpc.CalculatorStub(
             self._channel
@@ -46,19 +36,19 @@ class CalculatorClient(CalculatorClientBase):
 
     async def add(self, a: float, b: float) -> float:
         """Return a + b."""
-        return await self._call(self._stub.Add, a, b)
+        return await self._call("Add", self._stub.Add, a, b)
 
     async def subtract(self, a: float, b: float) -> float:
         """Return a - b."""
-        return await self._call(self._stub.Subtract, a, b)
+        return await self._call("Subtract", self._stub.Subtract, a, b)
 
     async def multiply(self, a: float, b: float) -> float:
         """Return a * b."""
-        return await self._call(self._stub.Multiply, a, b)
+        return await self._call("Multiply", self._stub.Multiply, a, b)
 
     async def divide(self, a: float, b: float) -> float:
         """Return a / b."""
-        return await self._call(self._stub.Divide, a, b)
+        return await self._call("Divide", self._stub.Divide, a, b)
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -80,6 +70,7 @@ class CalculatorClient(CalculatorClientBase):
 
     async def _call(
         self,
+        name: str,
         method: grpc.aio.UnaryUnaryMultiCallable[
             calculator_pb2.BinaryRequest, calculator_pb2.Result
         ],
@@ -89,10 +80,16 @@ class CalculatorClient(CalculatorClientBase):
         request = self._request(a, b)
 
         async def attempt() -> float:
+            call = self._calls.start(PATHS[name])
             try:
                 reply = await method(request, timeout=self.timeout)
             except grpc.RpcError as error:
+                call.failed(error)
                 raise from_rpc_error(error) from None
+            except BaseException as error:
+                call.failed(error)
+                raise
+            call.succeeded()
             return reply.value
 
         return await self._guard.call_async(attempt)

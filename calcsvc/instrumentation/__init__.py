@@ -8,6 +8,8 @@ from calcsvc.instrumentation._breaker import PrometheusListener, error_label
 from calcsvc.instrumentation._grpc import (
     AioClientMetricsInterceptor,
     AioServerMetricsInterceptor,
+    CallRecorder,
+    ClientCallMetrics,
     ClientMetricsInterceptor,
     ServerMetricsInterceptor,
     serving_gauge,
@@ -19,6 +21,8 @@ __all__ = [
     "LATENCY_BUCKETS",
     "AioClientMetricsInterceptor",
     "AioServerMetricsInterceptor",
+    "CallRecorder",
+    "ClientCallMetrics",
     "ClientMetricsInterceptor",
     "PrometheusListener",
     "ServerMetricsInterceptor",

@@ -146,6 +146,8 @@ class _BreakerSeries:
         self._families = families
         self.state = {each: families.state.labels(name, each) for each in STATES}
         self.consecutive_failures = families.consecutive_failures.labels(name)
+        # The count last published: most calls succeed and leave it at 0.
+        self.published_failures: int | None = None
         self.fail_max = families.fail_max.labels(name)
         self.reset_timeout = families.reset_timeout.labels(name)
         self._calls: dict[str, Counter] = {}
@@ -239,12 +241,12 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
         """Count a failure by its gRPC status code or exception class."""
         series = self._of(cb)
         series.failures(error_label(exc)).inc()
-        series.consecutive_failures.set(cb.fail_counter)
+        self._failures_now(series, cb.fail_counter)
 
     @_never_raises
     def success(self, cb: pybreaker.CircuitBreaker) -> None:
         """Publish the reset count of consecutive failures."""
-        self._of(cb).consecutive_failures.set(cb.fail_counter)
+        self._failures_now(self._of(cb), cb.fail_counter)
 
     @_never_raises
     def record_call(
@@ -254,6 +256,12 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
         series = self._of(breaker)
         series.calls(outcome).inc()
         series.duration(outcome).observe(seconds)
+
+    @staticmethod
+    def _failures_now(series: _BreakerSeries, count: int) -> None:
+        if count != series.published_failures:
+            series.consecutive_failures.set(count)
+            series.published_failures = count
 
     def _of(self, breaker: pybreaker.CircuitBreaker) -> _BreakerSeries:
         name = breaker_label(breaker)
@@ -268,6 +276,6 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
         current = state or state_label(cb.current_state)
         for each, gauge in series.state.items():
             gauge.set(1 if each == current else 0)
-        series.consecutive_failures.set(cb.fail_counter)
+        self._failures_now(series, cb.fail_counter)
         series.fail_max.set(cb.fail_max)
         series.reset_timeout.set(cb.reset_timeout)

@@ -166,20 +166,58 @@ class _Series:
         return series
 
 
-class _Recorder:
-    """Counts one RPC's start, end and duration."""
+class CallRecorder:
+    """Counts one RPC's start, and its end, code and duration."""
 
     __slots__ = ("_series", "_start")
 
     def __init__(self, series: _MethodSeries) -> None:
+        """Count the call as started, now."""
         self._series = series
         self._start = time.perf_counter()
         series.started.inc()
 
     def done(self, code: str) -> None:
+        """Count the call as ended with ``code`` (a status code's name)."""
         elapsed = time.perf_counter() - self._start
         self._series.handled(code).inc()
         self._series.handling.observe(elapsed)
+
+    def succeeded(self) -> None:
+        """Count the call as ended with OK."""
+        self.done("OK")
+
+    def failed(self, error: BaseException) -> None:
+        """Count the call as ended by ``error``, with its code if it has one."""
+        if isinstance(error, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED.name
+        elif isinstance(error, grpc.RpcError):
+            code = _code_name(error.code(), grpc.StatusCode.UNKNOWN)
+        else:
+            code = grpc.StatusCode.UNKNOWN.name
+        self.done(code)
+
+
+class ClientCallMetrics:
+    """Records ``grpc_client_*`` metrics for calls a client times itself.
+
+    calcsvc's clients use it around each call instead of an interceptor: the
+    metrics are the same, and a grpcio interceptor costs more per call than
+    the metrics themselves (grpc.aio even starts a task for it).
+    ``benchmarks.md`` in ``docs/`` has the figures.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        methods: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Record into ``registry``, with the series of ``methods`` at zero."""
+        self._series = _Series(_client_families(registry), methods)
+
+    def start(self, full_method: str) -> CallRecorder:
+        """Count a call of ``full_method`` (``/service/Method``) as started."""
+        return CallRecorder(self._series.of(full_method))
 
 
 class ServerMetricsInterceptor(_ServerInterceptor):
@@ -212,7 +250,7 @@ class ServerMetricsInterceptor(_ServerInterceptor):
         behavior = handler.unary_unary
 
         def instrumented(request: object, context: grpc.ServicerContext) -> object:
-            recorder = _Recorder(series)
+            recorder = CallRecorder(series)
             try:
                 response = behavior(request, context)
             except BaseException:
@@ -255,7 +293,7 @@ class AioServerMetricsInterceptor(_AioServerInterceptor):
         async def instrumented(
             request: object, context: grpc.aio.ServicerContext[object, object]
         ) -> object:
-            recorder = _Recorder(series)
+            recorder = CallRecorder(series)
             try:
                 response = behavior(request, context)
                 if inspect.isawaitable(response):
@@ -298,7 +336,7 @@ class ClientMetricsInterceptor(_ClientInterceptor):
         request: object,
     ) -> grpc.CallFuture[object]:
         """Count the call, and record its code and duration when it ends."""
-        recorder = _Recorder(self._series.of(client_call_details.method))
+        recorder = CallRecorder(self._series.of(client_call_details.method))
         outcome = continuation(client_call_details, request)
 
         def done(future: grpc.Future[object]) -> None:
@@ -331,7 +369,7 @@ class AioClientMetricsInterceptor(_AioClientInterceptor):
         request: object,
     ) -> object:
         """Count the call, wait for its end, and record its code and duration."""
-        recorder = _Recorder(self._series.of(client_call_details.method))
+        recorder = CallRecorder(self._series.of(client_call_details.method))
         # grpc-stubs says the continuation returns the call; grpcio's is a
         # coroutine function that does.
         call = await cast(
