@@ -220,6 +220,78 @@ class ClientCallMetrics:
         return CallRecorder(self._series.of(full_method))
 
 
+class _Handlers:
+    """The instrumented handler of each method, made once and kept.
+
+    A server asks its interceptors for a handler on every call, and the
+    registered handler of a method is the same object each time, so its
+    instrumented twin need not be made again.
+    """
+
+    def __init__(
+        self,
+        series: _Series,
+        instrument: Callable[[_Handler, _MethodSeries], _Handler],
+    ) -> None:
+        self._series = series
+        self._instrument = instrument
+        self._made: dict[str, tuple[_Handler, _Handler]] = {}
+
+    def instrumented(self, method: str, handler: _Handler) -> _Handler:
+        """Return ``handler`` of ``method``, recording its calls."""
+        made = self._made.get(method)
+        if made is None or made[0] is not handler:
+            made = (handler, self._instrument(handler, self._series.of(method)))
+            self._made[method] = made
+        return made[1]
+
+
+def _instrument(handler: _Handler, series: _MethodSeries) -> _Handler:
+    behavior = cast(
+        "Callable[[object, grpc.ServicerContext], object]", handler.unary_unary
+    )
+
+    def instrumented(request: object, context: grpc.ServicerContext) -> object:
+        recorder = CallRecorder(series)
+        try:
+            response = behavior(request, context)
+        except BaseException:
+            recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
+            raise
+        recorder.done(_code_name(_status(context), grpc.StatusCode.OK))
+        return response
+
+    return grpc.unary_unary_rpc_method_handler(
+        instrumented,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _instrument_aio(handler: _Handler, series: _MethodSeries) -> _Handler:
+    behavior = cast("Callable[..., object]", handler.unary_unary)
+
+    async def instrumented(
+        request: object, context: grpc.aio.ServicerContext[object, object]
+    ) -> object:
+        recorder = CallRecorder(series)
+        try:
+            response = behavior(request, context)
+            if inspect.isawaitable(response):
+                response = await response
+        except BaseException:
+            recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
+            raise
+        recorder.done(_code_name(_status(context), grpc.StatusCode.OK))
+        return response
+
+    return grpc.unary_unary_rpc_method_handler(
+        instrumented,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ServerMetricsInterceptor(_ServerInterceptor):
     """Records ``grpc_server_*`` metrics for every unary call the server handles.
 
@@ -234,7 +306,9 @@ class ServerMetricsInterceptor(_ServerInterceptor):
         methods: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Record into ``registry``, with the series of ``methods`` at zero."""
-        self._series = _Series(_server_families(registry), methods)
+        self._handlers = _Handlers(
+            _Series(_server_families(registry), methods), _instrument
+        )
 
     def intercept_service(
         self,
@@ -245,25 +319,7 @@ class ServerMetricsInterceptor(_ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-
-        series = self._series.of(handler_call_details.method)
-        behavior = handler.unary_unary
-
-        def instrumented(request: object, context: grpc.ServicerContext) -> object:
-            recorder = CallRecorder(series)
-            try:
-                response = behavior(request, context)
-            except BaseException:
-                recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
-                raise
-            recorder.done(_code_name(_status(context), grpc.StatusCode.OK))
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            instrumented,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return self._handlers.instrumented(handler_call_details.method, handler)
 
 
 class AioServerMetricsInterceptor(_AioServerInterceptor):
@@ -275,7 +331,9 @@ class AioServerMetricsInterceptor(_AioServerInterceptor):
         methods: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Record into ``registry``, with the series of ``methods`` at zero."""
-        self._series = _Series(_server_families(registry), methods)
+        self._handlers = _Handlers(
+            _Series(_server_families(registry), methods), _instrument_aio
+        )
 
     async def intercept_service(
         self,
@@ -286,29 +344,7 @@ class AioServerMetricsInterceptor(_AioServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-
-        series = self._series.of(handler_call_details.method)
-        behavior = cast("Callable[..., object]", handler.unary_unary)
-
-        async def instrumented(
-            request: object, context: grpc.aio.ServicerContext[object, object]
-        ) -> object:
-            recorder = CallRecorder(series)
-            try:
-                response = behavior(request, context)
-                if inspect.isawaitable(response):
-                    response = await response
-            except BaseException:
-                recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
-                raise
-            recorder.done(_code_name(_status(context), grpc.StatusCode.OK))
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            instrumented,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return self._handlers.instrumented(handler_call_details.method, handler)
 
 
 class ClientMetricsInterceptor(_ClientInterceptor):
