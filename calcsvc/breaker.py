@@ -200,7 +200,8 @@ class Breaker(pybreaker.CircuitBreaker):
                 half-open with ``half_open_max_calls`` trial calls in flight.
 
         """
-        # The listeners are read under the lock, as pybreaker changes them.
+        # pybreaker adds and removes listeners under this lock, so they are
+        # called under it too.
         with self._lock:
             state = self.state
             if state.name == pybreaker.STATE_OPEN:
@@ -226,6 +227,8 @@ class Breaker(pybreaker.CircuitBreaker):
 
     def record(self, admission: Admission, error: BaseException | None = None) -> None:
         """Record the end of an admitted call: it returned, or it raised ``error``.
+
+        A late result (see :class:`Breaker`) only reaches the listeners.
 
         Raises:
             pybreaker.CircuitBreakerError: ``error`` opened the breaker, which
@@ -384,8 +387,9 @@ class Guard:
       the caller gets :class:`~calcsvc.errors.BreakerOpenError`.
 
     With a :class:`Breaker` the guard asks :meth:`Breaker.admit` and tells
-    :meth:`Breaker.record` itself, as the breaker's own calls do; with
-    pybreaker's breaker it goes through :meth:`pybreaker.CircuitBreaker.call`.
+    :meth:`Breaker.record` itself, as the breaker's own calls do (a generator
+    that the function returns is a result like any other); with pybreaker's
+    breaker it goes through :meth:`pybreaker.CircuitBreaker.call`.
     A late result (see :class:`Breaker`) is reported with its outcome like
     any other. A hook that raises is logged and otherwise ignored:
     instrumentation never changes a call's result.
