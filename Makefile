@@ -1,12 +1,13 @@
-# calcsvc: `make demo` runs the outage demo, `make test` runs every check.
-# Both set up everything they need first, on a machine with Python 3.11+.
+# calcsvc: `make demo` runs the outage demo, `make test` runs every check,
+# `make bench` measures what the breaker and the metrics cost. Each sets up
+# everything it needs first, on a machine with Python 3.11+.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest protos prometheus clean
+.PHONY: setup demo test lint typecheck pytest bench protos prometheus clean
 
 setup: $(INSTALLED) prometheus
 
@@ -35,6 +36,10 @@ typecheck: setup
 
 pytest: setup
 	$(BIN)/pytest
+
+# Prints the table and rewrites docs/benchmarks.md; takes a few minutes.
+bench: $(INSTALLED)
+	$(BIN)/python bench/run.py
 
 # Regenerate calcsvc/_generated after editing protos/.
 protos: setup

@@ -1,7 +1,8 @@
-"""The arithmetic behind the Calculator service, and its gRPC servicer."""
+"""The arithmetic behind the Calculator service, and its gRPC servicers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import operator
@@ -17,9 +18,16 @@ from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    _AioContext = grpc.aio.ServicerContext[
+        calculator_pb2.BinaryRequest, calculator_pb2.Result
+    ]
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_name
+
+# What an injected error says, so that it is told apart from a real one.
+INJECTED_FAULT = "injected fault"
 
 OPERATIONS: dict[str, Callable[[float, float], float]] = {
     "Add": operator.add,
@@ -27,6 +35,10 @@ OPERATIONS: dict[str, Callable[[float, float], float]] = {
     "Multiply": operator.mul,
     "Divide": operator.truediv,
 }
+
+
+# The Calculator's methods as (service, method) pairs, for their metrics.
+METHODS = tuple((SERVICE_NAME, method) for method in OPERATIONS)
 
 
 class OperationRefusedError(Exception):
@@ -72,9 +84,11 @@ def evaluate(method: str, a: float, b: float) -> float:
 
 @dataclass
 class Faults:
-    """Faults injected into calculator calls, for demos and benchmarks.
+    """Faults injected into calculator calls, for demos, tests and benchmarks.
 
-    Health checks are never affected: only the Calculator methods are.
+    Health checks are never affected: only the Calculator methods are. Each
+    call draws from ``rng`` when it arrives, so a seeded ``rng`` fails the
+    same calls, counted in the order they arrive, on every run.
     """
 
     latency: float = 0.0
@@ -88,12 +102,47 @@ class Faults:
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("injected error rate must be between 0 and 1")
 
+    def draw(self) -> bool:
+        """Decide whether the call that just arrived fails."""
+        return bool(self.error_rate) and self.rng.random() < self.error_rate
+
     def apply(self, context: grpc.ServicerContext) -> None:
         """Delay the call, or end it with UNAVAILABLE, as configured."""
+        failing = self.draw()
         if self.latency:
             time.sleep(self.latency)
-        if self.error_rate and self.rng.random() < self.error_rate:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
+        if failing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, INJECTED_FAULT)
+
+    async def apply_async(self, context: _AioContext) -> None:
+        """Delay the call, or end it with UNAVAILABLE, without blocking the loop."""
+        failing = self.draw()
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if failing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, INJECTED_FAULT)
+
+
+def answer(method: str, request: calculator_pb2.BinaryRequest) -> calculator_pb2.Result:
+    """Answer ``request`` to ``method``, or say why not.
+
+    Raises:
+        OperationRefusedError: the contract refuses the request, or answering
+            failed unexpectedly (``INTERNAL``; the error is logged here).
+
+    """
+    try:
+        value = evaluate(method, request.a, request.b)
+    except OperationRefusedError:
+        raise
+    except Exception:
+        # grpcio would send the exception's text to the caller; keep
+        # internals in the server's log and send a plain status instead.
+        log.exception("unexpected error method=%s", method)
+        raise OperationRefusedError(
+            grpc.StatusCode.INTERNAL, "internal error"
+        ) from None
+    return calculator_pb2.Result(value=value)
 
 
 class CalculatorServicer(calculator_pb2_grpc.CalculatorServicer):
@@ -135,12 +184,50 @@ class CalculatorServicer(calculator_pb2_grpc.CalculatorServicer):
     ) -> calculator_pb2.Result:
         self._faults.apply(context)
         try:
-            value = evaluate(method, request.a, request.b)
+            return answer(method, request)
         except OperationRefusedError as refusal:
             context.abort(refusal.code, refusal.message)
-        except Exception:
-            # grpcio would send the exception's text to the caller; keep
-            # internals in the server's log and send a plain status instead.
-            log.exception("unexpected error method=%s", method)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        return calculator_pb2.Result(value=value)
+
+
+class AioCalculatorServicer(calculator_pb2_grpc.CalculatorServicer):
+    """Serves the four operations on grpc.aio, as :class:`CalculatorServicer` does."""
+
+    def __init__(self, faults: Faults | None = None) -> None:
+        """Create the servicer, with ``faults`` injected into every call."""
+        self._faults = faults or Faults()
+
+    async def Add(  # noqa: N802 - the method names are the RPC names
+        self, request: calculator_pb2.BinaryRequest, context: _AioContext
+    ) -> calculator_pb2.Result:
+        """Answer a + b."""
+        return await self._answer("Add", request, context)
+
+    async def Subtract(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: _AioContext
+    ) -> calculator_pb2.Result:
+        """Answer a - b."""
+        return await self._answer("Subtract", request, context)
+
+    async def Multiply(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: _AioContext
+    ) -> calculator_pb2.Result:
+        """Answer a * b."""
+        return await self._answer("Multiply", request, context)
+
+    async def Divide(  # noqa: N802
+        self, request: calculator_pb2.BinaryRequest, context: _AioContext
+    ) -> calculator_pb2.Result:
+        """Answer a / b."""
+        return await self._answer("Divide", request, context)
+
+    async def _answer(
+        self,
+        method: str,
+        request: calculator_pb2.BinaryRequest,
+        context: _AioContext,
+    ) -> calculator_pb2.Result:
+        await self._faults.apply_async(context)
+        try:
+            return answer(method, request)
+        except OperationRefusedError as refusal:
+            await context.abort(refusal.code, refusal.message)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from calcsvc import __version__
+from calcsvc.aio.server import serve as serve_aio
 from calcsvc.client import CalculatorClient
 from calcsvc.demo import DemoConfig
 from calcsvc.demo import run as run_demo
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     serve_parser.add_argument(
+        "--aio",
+        action="store_true",
+        help="serve on grpc.aio: every call runs on one event loop, and "
+        "--workers does not apply (default: threads)",
+    )
+    serve_parser.add_argument(
         "--workers",
         type=int,
         default=10,
@@ -165,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds to keep answering, NOT_SERVING, before refusing new calls on "
         "shutdown, so load balancers notice first (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--inject-seed",
+        type=int,
+        help="seed the draws of --inject-error-rate, so a run fails the same "
+        "calls, in the order they arrive, every time (default: random)",
     )
     serve_parser.add_argument(
         "--parent-pid",
@@ -309,9 +322,10 @@ def _serve(args: argparse.Namespace) -> int:
             drain_delay=args.drain_delay,
             inject_latency_ms=args.inject_latency_ms,
             inject_error_rate=args.inject_error_rate,
+            inject_seed=args.inject_seed,
             parent_pid=args.parent_pid,
         )
-        serve(config)
+        (serve_aio if args.aio else serve)(config)
     except (ValueError, ServerStartError) as error:
         _error(str(error))
         return 1

@@ -1,4 +1,9 @@
-"""A Calculator client whose calls go through a circuit breaker."""
+"""A Calculator client whose calls go through a circuit breaker.
+
+:class:`CalculatorClientBase` holds what this client and the asyncio one in
+:mod:`calcsvc.aio` share: their settings, the breaker and its metrics, and
+how a request is checked and built.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,21 @@ from typing import TYPE_CHECKING, Self
 import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
-from calcsvc.breaker import Guard, create_breaker
-from calcsvc.calculator import OPERATIONS, SERVICE_NAME
+from calcsvc.breaker import Breaker, Guard, create_breaker
+from calcsvc.calculator import METHODS, OPERATIONS, SERVICE_NAME
 from calcsvc.errors import from_rpc_error
-from calcsvc.instrumentation import ClientMetricsInterceptor, PrometheusListener
+from calcsvc.instrumentation import ClientCallMetrics, PrometheusListener
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    import pybreaker
     from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
+
+
+# The path of each Calculator method, as gRPC and its metrics name it.
+PATHS = {name: f"/{SERVICE_NAME}/{name}" for name in OPERATIONS}
 
 
 def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
@@ -37,16 +45,17 @@ def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
     ]
 
 
-class CalculatorClient:
-    """Calls the Calculator service through a circuit breaker.
+class CalculatorClientBase:
+    """Settings, breaker, metrics and requests of a Calculator client.
 
     Every call has a deadline of ``timeout`` seconds. After ``fail_max``
     consecutive calls fail because the backend is unwell
     (:data:`calcsvc.errors.BACKEND_FAILURE_CODES`) the breaker opens, and for
     ``reset_timeout`` seconds calls are rejected at once with
     :class:`~calcsvc.errors.BreakerOpenError`, without a network attempt.
-    Then one trial call goes through: if it succeeds the breaker closes, if
-    it fails the breaker opens again.
+    Then up to ``half_open_max_calls`` trial calls go through at once while
+    later callers are rejected: if a trial call succeeds the breaker closes,
+    if it fails the breaker opens again.
 
     A request the server refuses on its merits (a NaN operand, division by
     zero, an overflow) raises :class:`~calcsvc.errors.CallerError` and does
@@ -65,6 +74,7 @@ class CalculatorClient:
         *,
         fail_max: int = 2,
         reset_timeout: float = 2.0,
+        half_open_max_calls: int = 1,
         timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
         name: str = "calculator",
@@ -76,35 +86,66 @@ class CalculatorClient:
         self.timeout = timeout
 
         listener = PrometheusListener(registry)
-        self.breaker: pybreaker.CircuitBreaker = create_breaker(
-            name, fail_max=fail_max, reset_timeout=reset_timeout
+        self.breaker: Breaker = create_breaker(
+            name,
+            fail_max=fail_max,
+            reset_timeout=reset_timeout,
+            half_open_max_calls=half_open_max_calls,
         )
         listener.watch(self.breaker)
         self._guard = Guard(self.breaker, hooks=[listener.record_call])
-
-        self._channel = grpc.insecure_channel(target, channel_options(reset_timeout))
-        intercepted = grpc.intercept_channel(
-            self._channel,
-            ClientMetricsInterceptor(registry, [(SERVICE_NAME, m) for m in OPERATIONS]),
-        )
-        self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(intercepted)
+        self._calls = ClientCallMetrics(registry, METHODS)
         self._closed = False
+        self._connect(reset_timeout)
+
+    def _connect(self, reset_timeout: float) -> None:
+        """Open the channel."""
+        raise NotImplementedError
+
+    def _request(self, a: float, b: float) -> calculator_pb2.BinaryRequest:
+        """Build the request for ``a`` and ``b``, before the breaker is asked.
+
+        These checks are the caller's mistakes, and must not count as
+        failures of the backend.
+
+        Raises:
+            ValueError: the client is closed.
+            TypeError: an operand is not a number.
+
+        """
+        if self._closed:
+            raise ValueError("the client is closed")
+        return calculator_pb2.BinaryRequest(a=a, b=b)
+
+
+class CalculatorClient(CalculatorClientBase):
+    """Calls the Calculator service through a circuit breaker, from any thread.
+
+    Threads may share one client: their calls run side by side, and one
+    breaker decides for all of them.
+    """
+
+    def _connect(self, reset_timeout: float) -> None:
+        self._channel = grpc.insecure_channel(
+            self.target, channel_options(reset_timeout)
+        )
+        self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(self._channel)
 
     def add(self, a: float, b: float) -> float:
         """Return a + b."""
-        return self._call(self._stub.Add, a, b)
+        return self._call("Add", self._stub.Add, a, b)
 
     def subtract(self, a: float, b: float) -> float:
         """Return a - b."""
-        return self._call(self._stub.Subtract, a, b)
+        return self._call("Subtract", self._stub.Subtract, a, b)
 
     def multiply(self, a: float, b: float) -> float:
         """Return a * b."""
-        return self._call(self._stub.Multiply, a, b)
+        return self._call("Multiply", self._stub.Multiply, a, b)
 
     def divide(self, a: float, b: float) -> float:
         """Return a / b."""
-        return self._call(self._stub.Divide, a, b)
+        return self._call("Divide", self._stub.Divide, a, b)
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -126,23 +167,26 @@ class CalculatorClient:
 
     def _call(
         self,
+        name: str,
         method: grpc.UnaryUnaryMultiCallable[
             calculator_pb2.BinaryRequest, calculator_pb2.Result
         ],
         a: float,
         b: float,
     ) -> float:
-        # Checked outside the breaker: these are the caller's mistakes, and
-        # must not count as failures of the backend.
-        if self._closed:
-            raise ValueError("the client is closed")
-        request = calculator_pb2.BinaryRequest(a=a, b=b)  # TypeError if not numbers
+        request = self._request(a, b)
 
         def attempt() -> float:
+            call = self._calls.start(PATHS[name])
             try:
                 reply = method(request, timeout=self.timeout)
             except grpc.RpcError as error:
+                call.failed(error)
                 raise from_rpc_error(error) from None
+            except BaseException as error:
+                call.failed(error)
+                raise
+            call.succeeded()
             return reply.value
 
         return self._guard.call(attempt)

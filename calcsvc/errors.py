@@ -56,20 +56,38 @@ class CallerError(CallError):
 
 
 class BreakerOpenError(pybreaker.CircuitBreakerError):
-    """A call rejected at once, with no network attempt, while the breaker is open."""
+    """A call rejected at once, with no network attempt.
 
-    def __init__(self, breaker: str) -> None:
+    The breaker was open, or half-open with as many trial calls in flight as
+    it lets through; ``state`` says which, as pybreaker spells it.
+    """
+
+    def __init__(self, breaker: str, state: str = pybreaker.STATE_OPEN) -> None:
         """Create the error for a call that breaker ``breaker`` rejected."""
-        super().__init__(
-            f"breaker {breaker!r} is open: call rejected without a network attempt"
-        )
+        super().__init__(breaker, state)
         self.breaker = breaker
+        self.state = state
+
+    def __str__(self) -> str:
+        """Say which breaker rejected the call, and why."""
+        # Written when it is read: most rejections are never printed.
+        reason = (
+            "is half-open and its trial calls are in flight"
+            if self.state == pybreaker.STATE_HALF_OPEN
+            else "is open"
+        )
+        return (
+            f"breaker {self.breaker!r} {reason}: "
+            "call rejected without a network attempt"
+        )
 
 
 def from_rpc_error(error: grpc.RpcError) -> CallError:
     """Turn an error raised by a grpcio call into a BackendError or CallerError."""
     code = error.code()
-    details = error.details() if isinstance(error, grpc.Call) else None
+    details = (
+        error.details() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else None
+    )
     if code is None:
         # Not a finished call: grpcio raised it before any status existed.
         code = grpc.StatusCode.UNKNOWN

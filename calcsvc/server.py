@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 from concurrent import futures
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
 from calcsvc._generated.calc.v1 import calculator_pb2_grpc
-from calcsvc.calculator import OPERATIONS, SERVICE_NAME, CalculatorServicer, Faults
+from calcsvc.calculator import METHODS, SERVICE_NAME, CalculatorServicer, Faults
 from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ DEFAULT_PORT = 8080
 DEFAULT_METRICS_PORT = 9464
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The services that reflection lists.
+SERVICE_NAMES = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
 WHOLE_SERVER = ""
-_PARENT_POLL_SECONDS = 0.5
+PARENT_POLL_SECONDS = 0.5
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
 
 
@@ -70,6 +73,8 @@ class ServerConfig:
     """Seconds to keep serving, NOT_SERVING, before refusing new calls."""
     inject_latency_ms: float = 0.0
     inject_error_rate: float = 0.0
+    inject_seed: int | None = None
+    """Seed of the injected errors' draws: a seed fails the same calls each run."""
     parent_pid: int | None = None
     """Drain and exit once this process, the server's parent, has exited."""
 
@@ -83,7 +88,46 @@ class ServerConfig:
             raise ValueError("workers must be at least 1")
         if self.grace < 0 or self.drain_delay < 0:
             raise ValueError("grace and drain delay must not be negative")
-        Faults(self.inject_latency_ms / 1000, self.inject_error_rate)
+        self.faults()
+
+    def faults(self) -> Faults:
+        """Return the faults to inject, with their own random draws."""
+        return Faults(
+            self.inject_latency_ms / 1000,
+            self.inject_error_rate,
+            random.Random(self.inject_seed),
+        )
+
+
+def serving_status(
+    *, serving: bool
+) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    """Return the health status that says ``serving`` or not."""
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
+class StatusMirror:
+    """Mirrors the health service's statuses in a gauge and in the log."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Mirror statuses into the ``calcsvc_server_serving`` gauge of ``registry``."""
+        self._gauge = serving_gauge(registry)
+        self.services: list[str] = []
+
+    def changed(self, service: str, *, serving: bool) -> None:
+        """Publish and log that ``service`` now reports serving or not."""
+        self._gauge.labels(service).set(1 if serving else 0)
+        if service not in self.services:
+            self.services.append(service)
+        log.info(
+            "serving status changed service=%r status=%s",
+            service,
+            "SERVING" if serving else "NOT_SERVING",
+        )
 
 
 class ServingStatus:
@@ -94,31 +138,90 @@ class ServingStatus:
     ) -> None:
         """Track the statuses that ``servicer`` reports."""
         self._servicer = servicer
-        self._gauge = serving_gauge(registry)
-        self._services: list[str] = []
+        self._mirror = StatusMirror(registry)
 
     def set(self, service: str, *, serving: bool) -> None:
         """Report ``service`` as serving or not serving."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self._servicer.set(service, status)
-        self._gauge.labels(service).set(1 if serving else 0)
-        if service not in self._services:
-            self._services.append(service)
-        log.info(
-            "serving status changed service=%r status=%s",
-            service,
-            health_pb2.HealthCheckResponse.ServingStatus.Name(status),
-        )
+        self._servicer.set(service, serving_status(serving=serving))
+        self._mirror.changed(service, serving=serving)
 
     def shut_down(self) -> None:
         """Report every service NOT_SERVING, for good."""
-        for service in self._services:
+        for service in self._mirror.services:
             self.set(service, serving=False)
         self._servicer.enter_graceful_shutdown()
+
+
+def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
+    """Add the insecure port of ``config`` to ``server``; return the port number.
+
+    Raises:
+        ServerStartError: the port is in use or the host is not available.
+
+    """
+    address = format_address(config.host, config.port)
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ServerStartError(
+            f"cannot listen on {address}: the port is in use "
+            "or the address is not available"
+        ) from error
+
+
+def serve_metrics(
+    config: ServerConfig, registry: CollectorRegistry
+) -> WSGIServer | None:
+    """Serve ``/metrics`` as ``config`` says; None when metrics are off.
+
+    Raises:
+        ServerStartError: the metrics port is in use.
+
+    """
+    if not config.metrics_port:
+        return None
+    try:
+        httpd, _ = start_http_server(config.metrics_port, config.host, registry)
+    except OSError as error:
+        raise ServerStartError(
+            "cannot serve metrics on "
+            f"{format_address(config.host, config.metrics_port)}: "
+            f"{error.strerror}"
+        ) from error
+    return httpd
+
+
+def stop_metrics(httpd: WSGIServer | None) -> None:
+    """Stop serving ``/metrics``."""
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def log_listening(config: ServerConfig, port: int, workers: str) -> None:
+    """Log that the server listens, and any faults it injects."""
+    log.info(
+        "listening address=%s metrics=%s workers=%s",
+        format_address(config.host, port),
+        format_address(config.host, config.metrics_port)
+        if config.metrics_port
+        else "off",
+        workers,
+    )
+    if config.inject_latency_ms or config.inject_error_rate:
+        log.warning(
+            "injecting faults latency_ms=%g error_rate=%g seed=%s",
+            config.inject_latency_ms,
+            config.inject_error_rate,
+            "none" if config.inject_seed is None else config.inject_seed,
+        )
+
+
+def log_shutting_down(config: ServerConfig) -> None:
+    """Log that the drain begins, and how long it may take."""
+    log.info(
+        "shutting down grace=%gs drain_delay=%gs", config.grace, config.drain_delay
+    )
 
 
 class CalculatorServer:
@@ -134,24 +237,20 @@ class CalculatorServer:
             futures.ThreadPoolExecutor(
                 max_workers=config.workers, thread_name_prefix="calcsvc-rpc"
             ),
-            interceptors=[
-                ServerMetricsInterceptor(
-                    self._registry, [(SERVICE_NAME, m) for m in OPERATIONS]
-                )
-            ],
+            # With metrics off nobody can read them, so none are recorded.
+            interceptors=[ServerMetricsInterceptor(self._registry, METHODS)]
+            if config.metrics_port
+            else [],
             # Without this, grpcio shares a port that another server already
             # listens on, and a second server would start without an error.
             options=[("grpc.so_reuseport", 0)],
         )
-        faults = Faults(config.inject_latency_ms / 1000, config.inject_error_rate)
         calculator_pb2_grpc.add_CalculatorServicer_to_server(
-            CalculatorServicer(faults), self._server
+            CalculatorServicer(config.faults()), self._server
         )
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
         self.serving = ServingStatus(health_servicer, self._registry)
         self.port = config.port
         self._metrics_server: WSGIServer | None = None
@@ -164,44 +263,14 @@ class CalculatorServer:
             ServerStartError: a port is in use or the host is not available.
 
         """
-        config = self.config
-        address = format_address(config.host, config.port)
+        self.port = listen(self._server, self.config)
         try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise ServerStartError(
-                f"cannot listen on {address}: the port is in use "
-                "or the address is not available"
-            ) from error
-
-        if config.metrics_port:
-            try:
-                self._metrics_server, _ = start_http_server(
-                    config.metrics_port, config.host, self._registry
-                )
-            except OSError as error:
-                self._server.stop(None)
-                raise ServerStartError(
-                    "cannot serve metrics on "
-                    f"{format_address(config.host, config.metrics_port)}: "
-                    f"{error.strerror}"
-                ) from error
-
+            self._metrics_server = serve_metrics(self.config, self._registry)
+        except ServerStartError:
+            self._server.stop(None)
+            raise
         self._server.start()
-        log.info(
-            "listening address=%s metrics=%s workers=%d",
-            format_address(config.host, self.port),
-            format_address(config.host, config.metrics_port)
-            if config.metrics_port
-            else "off",
-            config.workers,
-        )
-        if config.inject_latency_ms or config.inject_error_rate:
-            log.warning(
-                "injecting faults latency_ms=%g error_rate=%g",
-                config.inject_latency_ms,
-                config.inject_error_rate,
-            )
+        log_listening(self.config, self.port, str(self.config.workers))
         self.serving.set(WHOLE_SERVER, serving=True)
         self.serving.set(SERVICE_NAME, serving=True)
 
@@ -212,16 +281,12 @@ class CalculatorServer:
         that short from another thread or a signal handler.
         """
         config = self.config
-        log.info(
-            "shutting down grace=%gs drain_delay=%gs", config.grace, config.drain_delay
-        )
+        log_shutting_down(config)
         self.serving.shut_down()
         if config.drain_delay:
             self._stopping.wait(config.drain_delay)
         self._server.stop(config.grace).wait()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        stop_metrics(self._metrics_server)
         log.info("stopped")
 
     def stop_now(self) -> None:
@@ -243,11 +308,9 @@ def serve(config: ServerConfig) -> None:
     signalled = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log_signal(signum, again=signalled.is_set())
         if signalled.is_set():
-            log.warning("second signal=%s, stopping now", signal.Signals(signum).name)
             server.stop_now()
-            return
-        log.info("received signal=%s", signal.Signals(signum).name)
         signalled.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -263,9 +326,25 @@ def serve(config: ServerConfig) -> None:
     server.shutdown()
 
 
+def log_signal(signum: int, *, again: bool) -> None:
+    """Log a shutdown signal: the first starts the drain, another ends it."""
+    name = signal.Signals(signum).name
+    if again:
+        log.warning("second signal=%s, stopping now", name)
+    else:
+        log.info("received signal=%s", name)
+
+
+def parent_exited(parent_pid: int) -> bool:
+    """Return whether this process is no longer a child of ``parent_pid``."""
+    if os.getppid() == parent_pid:
+        return False
+    log.warning("parent process exited parent_pid=%d", parent_pid)
+    return True
+
+
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
     """Set ``stop`` once this process is no longer a child of ``parent_pid``."""
-    while not stop.wait(_PARENT_POLL_SECONDS):
-        if os.getppid() != parent_pid:
-            log.warning("parent process exited parent_pid=%d", parent_pid)
+    while not stop.wait(PARENT_POLL_SECONDS):
+        if parent_exited(parent_pid):
             stop.set()

@@ -15,8 +15,19 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+@pytest.fixture(scope="module")
+def server_flags() -> list[str]:
+    """Flags that choose the kind of server: none, the threaded one.
+
+    ``tests/test_server.py`` overrides this to run against both kinds.
+    """
+    return []
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(
+    tmp_path: Path, server_flags: list[str]
+) -> Iterator[Callable[..., ServerProcess]]:
     """Start servers with extra ``calcsvc serve`` arguments; all stop at the end."""
     started: list[ServerProcess] = []
     logs = []
@@ -28,7 +39,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             HOST,
             port or free_port(),
             metrics_port=free_port(),
-            extra_args=["--grace", "1", *extra_args],
+            extra_args=["--grace", "1", *server_flags, *extra_args],
             stderr=log,
         )
         server.start()
@@ -49,11 +60,19 @@ def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, server_flags: list[str]
+) -> Iterator[ServerProcess]:
     """One server for the tests of a module that only read from it."""
     path = tmp_path_factory.mktemp("shared") / "server.log"
     with path.open("wb") as log:
-        server = ServerProcess(HOST, free_port(), metrics_port=free_port(), stderr=log)
+        server = ServerProcess(
+            HOST,
+            free_port(),
+            metrics_port=free_port(),
+            extra_args=server_flags,
+            stderr=log,
+        )
         with server:
             yield server
 

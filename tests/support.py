@@ -1,7 +1,8 @@
-"""Helpers shared by the tests: free ports, scraping /metrics, polling."""
+"""Helpers shared by the tests: free ports, scraping /metrics, polling, clients."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from calcsvc import aio
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,6 +71,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a zombie waiting for its reaper does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # noqa: PTH123
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def scrape(port: int) -> Metrics:
     """Fetch and parse http://127.0.0.1:<port>/metrics."""
     url = f"http://{HOST}:{port}/metrics"
@@ -84,3 +96,52 @@ def run_calcsvc(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[
         timeout=timeout,
         check=False,
     )
+
+
+class BlockingAioClient:
+    """A :class:`calcsvc.aio.CalculatorClient` driven from synchronous test code.
+
+    Each method runs the client's coroutine to its end on the adapter's own
+    event loop, so the tests written for the threaded client run unchanged
+    against the asyncio one.
+    """
+
+    def __init__(self, target, **options):
+        self._runner = asyncio.Runner()
+        try:
+            self._client = self._runner.run(self._create(target, options))
+        except BaseException:
+            self._runner.close()
+            raise
+        self.breaker = self._client.breaker
+
+    @staticmethod
+    async def _create(target, options):
+        return aio.CalculatorClient(target, **options)
+
+    def add(self, a, b):
+        return self._runner.run(self._client.add(a, b))
+
+    def subtract(self, a, b):
+        return self._runner.run(self._client.subtract(a, b))
+
+    def multiply(self, a, b):
+        return self._runner.run(self._client.multiply(a, b))
+
+    def divide(self, a, b):
+        return self._runner.run(self._client.divide(a, b))
+
+    def close(self):
+        self._runner.run(self._client.close())
+
+    def shut_down(self):
+        """Close the client and its event loop."""
+        if not self._client._closed:
+            self.close()
+        self._runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc_info):
+        self.close()

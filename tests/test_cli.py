@@ -38,6 +38,7 @@ def test_every_command_has_help_and_a_log_level(command):
         (("serve", "--inject-error-rate", "2"), "must be between 0 and 1"),
         (("serve", "--grace", "-1"), "must be a finite number, 0 or more"),
         (("serve", "--workers", "many"), "invalid int value"),
+        (("serve", "--inject-seed", "x"), "invalid int value"),
         (("add", "1", "2", "--timeout", "0"), "must be a finite number above 0"),
         (("health", "--log-level", "loud"), "invalid choice"),
     ],

@@ -1,4 +1,7 @@
-"""CalculatorClient against a real server that stops and comes back."""
+"""Both Calculator clients against a real server that stops and comes back.
+
+Every test runs against the threaded client and the asyncio one.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,28 @@ import pybreaker
 import pytest
 
 from calcsvc import BackendError, BreakerOpenError, CalculatorClient, CallerError
-from tests.support import free_port
+from tests.support import BlockingAioClient, free_port
 
 BREAKER = "calculator"
+
+
+@pytest.fixture(params=["threaded", "asyncio"])
+def make_client(request):
+    """Build clients of the kind under test; all are closed at the end."""
+    made = []
+
+    def make(target, **options):
+        kind = CalculatorClient if request.param == "threaded" else BlockingAioClient
+        client = kind(target, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        if isinstance(client, BlockingAioClient):
+            client.shut_down()
+        else:
+            client.close()
 
 
 def breaker_metrics(scrape):
@@ -53,9 +75,9 @@ def breaker_metrics(scrape):
     }
 
 
-def test_the_classic_scenario(server, client_metrics):
+def test_the_classic_scenario(make_client, server, client_metrics):
     registry, scrape = client_metrics
-    with CalculatorClient(server.target, registry=registry) as client:
+    with make_client(server.target, registry=registry) as client:
         assert (client.breaker.fail_max, client.breaker.reset_timeout) == (2, 2.0)
         metrics = scrape()
         assert metrics.value("circuit_breaker_fail_max", breaker=BREAKER) == 2
@@ -118,10 +140,10 @@ def test_the_classic_scenario(server, client_metrics):
 
 
 def test_caller_errors_pass_through_without_moving_the_breaker(
-    shared_server, client_metrics
+    make_client, shared_server, client_metrics
 ):
     registry, scrape = client_metrics
-    with CalculatorClient(shared_server.target, registry=registry) as client:
+    with make_client(shared_server.target, registry=registry) as client:
         for _ in range(5):
             with pytest.raises(CallerError) as refused:
                 client.divide(1, 0)
@@ -142,19 +164,19 @@ def test_caller_errors_pass_through_without_moving_the_breaker(
         assert client.subtract(5, 3) == 2
 
 
-def test_every_operation(shared_server, client_metrics):
+def test_every_operation(make_client, shared_server, client_metrics):
     registry, _ = client_metrics
-    with CalculatorClient(shared_server.target, registry=registry) as client:
+    with make_client(shared_server.target, registry=registry) as client:
         assert client.add(0.1, 0.2) == 0.1 + 0.2
         assert client.subtract(-1, 1) == -2
         assert client.multiply(1.5, -2) == -3
         assert client.divide(1, 3) == 1 / 3
 
 
-def test_deadlines_count_as_failures(start_server, client_metrics):
+def test_deadlines_count_as_failures(make_client, start_server, client_metrics):
     registry, scrape = client_metrics
     server = start_server("--inject-latency-ms", "1000")
-    with CalculatorClient(server.target, timeout=0.05, registry=registry) as client:
+    with make_client(server.target, timeout=0.05, registry=registry) as client:
         for _ in range(2):
             with pytest.raises(BackendError) as late:
                 client.add(1, 1)
@@ -166,12 +188,10 @@ def test_deadlines_count_as_failures(start_server, client_metrics):
     )
 
 
-def test_a_failed_trial_call_opens_the_breaker_again(client_metrics):
+def test_a_failed_trial_call_opens_the_breaker_again(make_client, client_metrics):
     registry, scrape = client_metrics
     nothing_there = f"127.0.0.1:{free_port()}"
-    with CalculatorClient(
-        nothing_there, reset_timeout=0.2, registry=registry
-    ) as client:
+    with make_client(nothing_there, reset_timeout=0.2, registry=registry) as client:
         for _ in range(2):
             with pytest.raises(BackendError):
                 client.add(1, 1)
@@ -187,40 +207,42 @@ def test_a_failed_trial_call_opens_the_breaker_again(client_metrics):
     assert metrics["failure"] == 3
 
 
-def test_a_server_that_was_never_there_fails_fast(client_metrics):
+def test_a_server_that_was_never_there_fails_fast(make_client, client_metrics):
     registry, _ = client_metrics
     nothing_there = f"127.0.0.1:{free_port()}"
-    with CalculatorClient(nothing_there, registry=registry) as client:
+    with make_client(nothing_there, registry=registry) as client:
         with pytest.raises(BackendError) as refused:
             client.add(1, 1)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 def test_operands_of_the_wrong_type_do_not_touch_the_breaker(
-    shared_server, client_metrics
+    make_client, shared_server, client_metrics
 ):
     registry, scrape = client_metrics
-    with CalculatorClient(shared_server.target, registry=registry) as client:
+    with make_client(shared_server.target, registry=registry) as client:
         with pytest.raises(TypeError):
-            client.add("5", 3)  # type: ignore[arg-type]
+            client.add("5", 3)
         assert client.breaker.fail_counter == 0
     assert sum(breaker_metrics(scrape)[o] for o in ("success", "failure")) == 0
 
 
-def test_a_closed_client_refuses_calls(shared_server, client_metrics):
+def test_a_closed_client_refuses_calls(make_client, shared_server, client_metrics):
     registry, _ = client_metrics
-    client = CalculatorClient(shared_server.target, registry=registry)
+    client = make_client(shared_server.target, registry=registry)
     client.close()
     with pytest.raises(ValueError, match="closed"):
         client.add(1, 1)
     assert client.breaker.fail_counter == 0
 
 
-def test_clients_in_one_registry_are_told_apart_by_name(shared_server, client_metrics):
+def test_clients_in_one_registry_are_told_apart_by_name(
+    make_client, shared_server, client_metrics
+):
     registry, scrape = client_metrics
     with (
-        CalculatorClient(shared_server.target, registry=registry, name="a") as a,
-        CalculatorClient(shared_server.target, registry=registry, name="b") as b,
+        make_client(shared_server.target, registry=registry, name="a") as a,
+        make_client(shared_server.target, registry=registry, name="b") as b,
     ):
         a.add(1, 1)
         a.add(1, 1)
@@ -240,6 +262,6 @@ def test_clients_in_one_registry_are_told_apart_by_name(shared_server, client_me
     "options",
     [{"fail_max": 0}, {"reset_timeout": 0}, {"timeout": -1}],
 )
-def test_settings_that_cannot_work_are_refused(options):
+def test_settings_that_cannot_work_are_refused(make_client, options):
     with pytest.raises(ValueError, match="must be"):
-        CalculatorClient("127.0.0.1:1", **options)
+        make_client("127.0.0.1:1", **options)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from calcsvc.demo import DemoConfig, _check_port_free, _Demo
-from tests.support import HOST, free_port, run_calcsvc, scrape, wait_until
+from tests.support import HOST, alive, free_port, run_calcsvc, scrape, wait_until
 
 
 def demo_args(port=None):
@@ -27,15 +27,6 @@ def demo_args(port=None):
 
 def demo_command(port=None):
     return [sys.executable, "-m", "calcsvc", *demo_args(port)]
-
-
-def alive(pid):
-    """Whether process ``pid`` runs; a zombie waiting for its reaper does not."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:  # noqa: PTH123
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def server_pids(output):

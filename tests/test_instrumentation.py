@@ -1,7 +1,8 @@
-"""The Prometheus listener and the Guard with plain pybreaker breakers."""
+"""The Prometheus listener, the Guard with plain pybreaker breakers, gRPC metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -10,7 +11,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from calcsvc import BackendError, BreakerOpenError, Guard, PrometheusListener
-from calcsvc.instrumentation import error_label
+from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
+from calcsvc.calculator import METHODS, SERVICE_NAME
+from calcsvc.instrumentation import (
+    AioClientMetricsInterceptor,
+    ClientCallMetrics,
+    ClientMetricsInterceptor,
+    error_label,
+)
 
 
 class Boom(Exception):  # noqa: N818 - named for what it does
@@ -124,7 +132,7 @@ def test_a_broken_listener_never_changes_the_breakers_decisions(caplog):
     breaker, listener, guard = watched_breaker(
         registry, fail_max=2, reset_timeout=60, throw_new_error_on_trip=False
     )
-    listener._metrics = _Broken()
+    listener._series = _Broken()
 
     with caplog.at_level(logging.ERROR):
         assert guard.call(lambda: 1) == 1
@@ -161,3 +169,68 @@ def test_a_failing_hook_never_changes_a_calls_result(caplog):
 )
 def test_errors_are_labelled_by_code_or_class(error, label):
     assert error_label(error) == label
+
+
+def call_counts(registry, method):
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": method}
+    return (
+        value(registry, "grpc_client_started_total", **labels),
+        value(registry, "grpc_client_handled_total", **labels, grpc_code="OK"),
+        value(
+            registry,
+            "grpc_client_handled_total",
+            **labels,
+            grpc_code="INVALID_ARGUMENT",
+        ),
+        value(registry, "grpc_client_handling_seconds_count", **labels),
+    )
+
+
+def test_the_client_interceptor_counts_calls_on_any_channel(shared_server):
+    registry = CollectorRegistry()
+    interceptor = ClientMetricsInterceptor(registry, METHODS)
+    with grpc.insecure_channel(shared_server.target) as channel:
+        stub = calculator_pb2_grpc.CalculatorStub(
+            grpc.intercept_channel(channel, interceptor)
+        )
+        stub.Add(calculator_pb2.BinaryRequest(a=1, b=2), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            stub.Divide(calculator_pb2.BinaryRequest(a=1, b=0), timeout=5)
+    assert call_counts(registry, "Add") == (1, 1, 0, 1)
+    assert call_counts(registry, "Divide") == (1, 0, 1, 1)
+    assert call_counts(registry, "Multiply") == (0, 0, 0, 0)  # there at zero
+
+
+def test_the_aio_client_interceptor_counts_calls_on_any_channel(shared_server):
+    registry = CollectorRegistry()
+
+    async def calls():
+        interceptor = AioClientMetricsInterceptor(registry, METHODS)
+        async with grpc.aio.insecure_channel(
+            shared_server.target,
+            interceptors=[interceptor],  # type: ignore[list-item]
+        ) as channel:
+            stub = calculator_pb2_grpc.CalculatorStub(channel)
+            await stub.Add(calculator_pb2.BinaryRequest(a=1, b=2), timeout=5)
+            with pytest.raises(grpc.RpcError):
+                await stub.Divide(calculator_pb2.BinaryRequest(a=1, b=0), timeout=5)
+
+    asyncio.run(calls())
+    assert call_counts(registry, "Add") == (1, 1, 0, 1)
+    assert call_counts(registry, "Divide") == (1, 0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BackendError(grpc.StatusCode.UNAVAILABLE, "down"), "UNAVAILABLE"),
+        (asyncio.CancelledError(), "CANCELLED"),
+        (KeyboardInterrupt(), "UNKNOWN"),
+    ],
+)
+def test_a_client_call_is_counted_with_the_code_it_ended_with(error, code):
+    registry = CollectorRegistry()
+    metrics = ClientCallMetrics(registry, METHODS)
+    metrics.start(f"/{SERVICE_NAME}/Add").failed(error)
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": "Add"}
+    assert value(registry, "grpc_client_handled_total", **labels, grpc_code=code) == 1

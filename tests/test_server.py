@@ -1,10 +1,16 @@
-"""The server as a real process: the contract, health, reflection, metrics, drain."""
+"""The server as a real process: the contract, health, reflection, metrics, drain.
+
+Every test runs against the threaded server and the grpc.aio one.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import signal
+import subprocess
 import sys
+import textwrap
 
 import grpc
 import pytest
@@ -15,11 +21,16 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.calculator import SERVICE_NAME
-from tests.support import HOST, free_port, run_calcsvc, scrape, wait_until
+from tests.support import HOST, alive, free_port, run_calcsvc, scrape, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 BIG = sys.float_info.max
+
+
+@pytest.fixture(scope="module", params=["threaded", "aio"])
+def server_flags(request):
+    return ["--aio"] if request.param == "aio" else []
 
 
 @pytest.fixture
@@ -218,9 +229,10 @@ def test_drain_delay_answers_not_serving_before_refusing_calls(
     assert server.process.wait(timeout=10) == 0
 
 
-def test_a_port_in_use_is_a_clear_error(shared_server):
+def test_a_port_in_use_is_a_clear_error(shared_server, server_flags):
     result = run_calcsvc(
         "serve",
+        *server_flags,
         "--host",
         HOST,
         "--port",
@@ -233,9 +245,10 @@ def test_a_port_in_use_is_a_clear_error(shared_server):
     assert "Traceback" not in result.stderr
 
 
-def test_a_metrics_port_in_use_is_a_clear_error(shared_server):
+def test_a_metrics_port_in_use_is_a_clear_error(shared_server, server_flags):
     result = run_calcsvc(
         "serve",
+        *server_flags,
         "--host",
         HOST,
         "--port",
@@ -248,3 +261,79 @@ def test_a_metrics_port_in_use_is_a_clear_error(shared_server):
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def logged_events(path):
+    """The messages of a server's log, without times, levels and loggers."""
+    return [
+        re.sub(r"^\S+ \S+ \w+ [\w.]+: ", "", line)
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_each_lifecycle_event_is_logged_once(
+    start_server, server_flags, channel_to, tmp_path
+):
+    server = start_server("--metrics-port", "0")
+    assert call(channel_to(server.target), "Add", 1, 2) == 3
+    assert server.stop() == 0
+
+    workers = "asyncio" if server_flags else "10"
+    assert logged_events(tmp_path / "server-0.log") == [
+        f"listening address={server.target} metrics=off workers={workers}",
+        "serving status changed service='' status=SERVING",
+        "serving status changed service='calc.v1.Calculator' status=SERVING",
+        "received signal=SIGTERM",
+        "shutting down grace=1s drain_delay=0s",
+        "serving status changed service='' status=NOT_SERVING",
+        "serving status changed service='calc.v1.Calculator' status=NOT_SERVING",
+        "stopped",
+    ]
+
+
+def test_a_seed_makes_the_injected_errors_repeat(start_server, channel_to):
+    def outcomes(*seed):
+        server = start_server("--inject-error-rate", "0.5", *seed)
+        channel = channel_to(server.target)
+        seen = []
+        for _ in range(20):
+            try:
+                call(channel, "Add", 1, 1)
+                seen.append("ok")
+            except grpc.RpcError as error:
+                seen.append(error.code().name)
+        server.stop()
+        return seen
+
+    first = outcomes("--inject-seed", "7")
+    assert set(first) == {"ok", "UNAVAILABLE"}
+    assert outcomes("--inject-seed", "7") == first
+
+
+def test_the_server_drains_and_exits_once_its_parent_has_exited(server_flags, tmp_path):
+    log = tmp_path / "orphan.log"
+    parent = textwrap.dedent(
+        f"""
+        import os, subprocess, sys
+        with open({str(log)!r}, "wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "calcsvc", "serve", *{server_flags!r},
+                 "--host", {HOST!r}, "--port", "{free_port()}",
+                 "--metrics-port", "0", "--parent-pid", str(os.getpid())],
+                stderr=log,
+            )
+        print(server.pid)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", parent],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    pid = int(result.stdout)
+    wait_until(lambda: not alive(pid), timeout=20)
+    events = logged_events(log)
+    assert any(event.startswith("parent process exited") for event in events)
+    assert events[-1] == "stopped"

@@ -6,6 +6,10 @@ this package registers nothing.
 
 from calcsvc.instrumentation._breaker import PrometheusListener, error_label
 from calcsvc.instrumentation._grpc import (
+    AioClientMetricsInterceptor,
+    AioServerMetricsInterceptor,
+    CallRecorder,
+    ClientCallMetrics,
     ClientMetricsInterceptor,
     ServerMetricsInterceptor,
     serving_gauge,
@@ -15,6 +19,10 @@ from calcsvc.instrumentation._registry import LATENCY_BUCKETS
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "AioClientMetricsInterceptor",
+    "AioServerMetricsInterceptor",
+    "CallRecorder",
+    "ClientCallMetrics",
     "ClientMetricsInterceptor",
     "PrometheusListener",
     "ServerMetricsInterceptor",

@@ -54,7 +54,7 @@ def _create(registry: CollectorRegistry) -> _Families:
             "circuit_breaker_calls_total",
             "Calls through the breaker by outcome: success, failure (counted "
             "by the breaker), ignored (a caller error let through) or rejected "
-            "(refused while open).",
+            "(refused while open, or half-open with its trial calls in flight).",
             ("breaker", "outcome"),
             registry=registry,
         ),
@@ -134,6 +134,58 @@ def _never_raises(method: Method) -> Method:
     return cast("Method", wrapper)
 
 
+class _BreakerSeries:
+    """The series of one breaker, looked up once and kept.
+
+    Looking a labelled series up costs more than updating it, and the
+    listener updates a few of them on every call.
+    """
+
+    def __init__(self, families: _Families, name: str) -> None:
+        self.name = name
+        self._families = families
+        self.state = {each: families.state.labels(name, each) for each in STATES}
+        self.consecutive_failures = families.consecutive_failures.labels(name)
+        # The count last published: most calls succeed and leave it at 0.
+        self.published_failures: int | None = None
+        self.fail_max = families.fail_max.labels(name)
+        self.reset_timeout = families.reset_timeout.labels(name)
+        self._calls: dict[str, Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self._failures: dict[str, Counter] = {}
+
+    def calls(self, outcome: str) -> Counter:
+        """Return the series that counts calls with ``outcome``."""
+        series = self._calls.get(outcome)
+        if series is None:
+            series = self._calls[outcome] = self._families.calls.labels(
+                self.name, outcome
+            )
+        return series
+
+    def duration(self, outcome: str) -> Histogram:
+        """Return the histogram of durations of calls with ``outcome``."""
+        series = self._durations.get(outcome)
+        if series is None:
+            series = self._durations[outcome] = self._families.duration.labels(
+                self.name, outcome
+            )
+        return series
+
+    def failures(self, error: str) -> Counter:
+        """Return the series that counts failures labelled ``error``."""
+        series = self._failures.get(error)
+        if series is None:
+            series = self._failures[error] = self._families.failures.labels(
+                self.name, error
+            )
+        return series
+
+    def transitions(self, old: str, new: str) -> Counter:
+        """Return the series that counts transitions from ``old`` to ``new``."""
+        return self._families.transitions.labels(self.name, old, new)
+
+
 class PrometheusListener(pybreaker.CircuitBreakerListener):
     """Exports what pybreaker breakers do as ``circuit_breaker_*`` metrics.
 
@@ -151,6 +203,7 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         """Create a listener whose metrics live in ``registry``."""
         self._metrics = _families(registry)
+        self._series: dict[str, _BreakerSeries] = {}
         self.errors = 0
 
     def watch(self, breaker: pybreaker.CircuitBreaker) -> None:
@@ -163,11 +216,11 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
         """
         breaker.add_listener(self)
         self._publish(breaker)
-        name = breaker_label(breaker)
+        series = self._of(breaker)
         for outcome in OUTCOMES:
-            self._metrics.calls.labels(name, outcome)
+            series.calls(outcome)
         for old, new in TRANSITIONS:
-            self._metrics.transitions.labels(name, old, new)
+            series.transitions(old, new)
 
     @_never_raises
     def state_change(
@@ -178,41 +231,51 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
     ) -> None:
         """Count the transition and publish the new state."""
         if old_state is not None:
-            self._metrics.transitions.labels(
-                breaker_label(cb),
-                state_label(old_state.name),
-                state_label(new_state.name),
+            self._of(cb).transitions(
+                state_label(old_state.name), state_label(new_state.name)
             ).inc()
         self._publish(cb, state_label(new_state.name))
 
     @_never_raises
     def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
         """Count a failure by its gRPC status code or exception class."""
-        name = breaker_label(cb)
-        self._metrics.failures.labels(name, error_label(exc)).inc()
-        self._metrics.consecutive_failures.labels(name).set(cb.fail_counter)
+        series = self._of(cb)
+        series.failures(error_label(exc)).inc()
+        self._failures_now(series, cb.fail_counter)
 
     @_never_raises
     def success(self, cb: pybreaker.CircuitBreaker) -> None:
         """Publish the reset count of consecutive failures."""
-        self._metrics.consecutive_failures.labels(breaker_label(cb)).set(
-            cb.fail_counter
-        )
+        self._failures_now(self._of(cb), cb.fail_counter)
 
     @_never_raises
     def record_call(
         self, breaker: pybreaker.CircuitBreaker, outcome: Outcome, seconds: float
     ) -> None:
         """Count one call by outcome and observe its duration."""
+        series = self._of(breaker)
+        series.calls(outcome).inc()
+        series.duration(outcome).observe(seconds)
+
+    @staticmethod
+    def _failures_now(series: _BreakerSeries, count: int) -> None:
+        if count != series.published_failures:
+            series.consecutive_failures.set(count)
+            series.published_failures = count
+
+    def _of(self, breaker: pybreaker.CircuitBreaker) -> _BreakerSeries:
         name = breaker_label(breaker)
-        self._metrics.calls.labels(name, outcome).inc()
-        self._metrics.duration.labels(name, outcome).observe(seconds)
+        series = self._series.get(name)
+        if series is None:
+            # Two threads may both get here; both find the same series.
+            series = self._series[name] = _BreakerSeries(self._metrics, name)
+        return series
 
     def _publish(self, cb: pybreaker.CircuitBreaker, state: str | None = None) -> None:
-        name = breaker_label(cb)
+        series = self._of(cb)
         current = state or state_label(cb.current_state)
-        for each in STATES:
-            self._metrics.state.labels(name, each).set(1 if each == current else 0)
-        self._metrics.consecutive_failures.labels(name).set(cb.fail_counter)
-        self._metrics.fail_max.labels(name).set(cb.fail_max)
-        self._metrics.reset_timeout.labels(name).set(cb.reset_timeout)
+        for each, gauge in series.state.items():
+            gauge.set(1 if each == current else 0)
+        self._failures_now(series, cb.fail_counter)
+        series.fail_max.set(cb.fail_max)
+        series.reset_timeout.set(cb.reset_timeout)
