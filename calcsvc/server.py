@@ -53,6 +53,17 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def add_services(
+    server: grpc.Server | grpc.aio.Server,
+    calculator: calculator_pb2_grpc.CalculatorServicer,
+    health_servicer: health_pb2_grpc.HealthServicer,
+) -> None:
+    """Add the Calculator, the health service and reflection to ``server``."""
+    calculator_pb2_grpc.add_CalculatorServicer_to_server(calculator, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+
+
 class ServerStartError(Exception):
     """The server could not start, for example because its port is in use."""
 
@@ -245,12 +256,8 @@ class CalculatorServer:
             # listens on, and a second server would start without an error.
             options=[("grpc.so_reuseport", 0)],
         )
-        calculator_pb2_grpc.add_CalculatorServicer_to_server(
-            CalculatorServicer(config.faults()), self._server
-        )
         health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
+        add_services(self._server, CalculatorServicer(config.faults()), health_servicer)
         self.serving = ServingStatus(health_servicer, self._registry)
         self.port = config.port
         self._metrics_server: WSGIServer | None = None

@@ -15,23 +15,20 @@ import signal
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 # The asyncio health servicer; grpc-stubs describes only the threaded one.
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
-from calcsvc._generated.calc.v1 import calculator_pb2_grpc
 from calcsvc.calculator import METHODS, SERVICE_NAME, AioCalculatorServicer
 from calcsvc.instrumentation import AioServerMetricsInterceptor
 from calcsvc.server import (
     PARENT_POLL_SECONDS,
-    SERVICE_NAMES,
     WHOLE_SERVER,
     ServerConfig,
     ServerStartError,
     StatusMirror,
+    add_services,
     listen,
     log_listening,
     log_shutting_down,
@@ -91,12 +88,10 @@ class AioCalculatorServer:
             # A second server must not share a port another one listens on.
             options=[("grpc.so_reuseport", 0)],
         )
-        calculator_pb2_grpc.add_CalculatorServicer_to_server(
-            AioCalculatorServicer(config.faults()), self._server
-        )
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
+        add_services(
+            self._server, AioCalculatorServicer(config.faults()), health_servicer
+        )
         self.serving = AioServingStatus(health_servicer, self._registry)
         self.port = config.port
         self._metrics_server: WSGIServer | None = None
