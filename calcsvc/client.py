@@ -23,10 +23,41 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
+    from calcsvc.instrumentation import CallRecorder
 
 
 # The path of each Calculator method, as gRPC and its metrics name it.
 PATHS = {name: f"/{SERVICE_NAME}/{name}" for name in OPERATIONS}
+
+
+class _NetworkCall:
+    """Wraps one network call of a client, synchronous or awaited.
+
+    It counts the call in the ``grpc_client_*`` metrics, and turns an error
+    grpcio raises into a :class:`~calcsvc.errors.BackendError` or
+    :class:`~calcsvc.errors.CallerError`, which the breaker tells apart.
+    """
+
+    __slots__ = ("_recorder",)
+
+    def __init__(self, recorder: CallRecorder) -> None:
+        self._recorder = recorder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if error is None:
+            self._recorder.succeeded()
+            return
+        self._recorder.failed(error)
+        if isinstance(error, grpc.RpcError):
+            raise from_rpc_error(error) from None
 
 
 def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
@@ -117,6 +148,10 @@ class CalculatorClientBase:
             raise ValueError("the client is closed")
         return calculator_pb2.BinaryRequest(a=a, b=b)
 
+    def _network_call(self, name: str) -> _NetworkCall:
+        """Start measuring a network call of method ``name``."""
+        return _NetworkCall(self._calls.start(PATHS[name]))
+
 
 class CalculatorClient(CalculatorClientBase):
     """Calls the Calculator service through a circuit breaker, from any thread.
@@ -177,16 +212,8 @@ class CalculatorClient(CalculatorClientBase):
         request = self._request(a, b)
 
         def attempt() -> float:
-            call = self._calls.start(PATHS[name])
-            try:
+            with self._network_call(name):
                 reply = method(request, timeout=self.timeout)
-            except grpc.RpcError as error:
-                call.failed(error)
-                raise from_rpc_error(error) from None
-            except BaseException as error:
-                call.failed(error)
-                raise
-            call.succeeded()
             return reply.value
 
         return self._guard.call(attempt)

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Self
 import grpc
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
-from calcsvc.client import PATHS, CalculatorClientBase, channel_options
-from calcsvc.errors import from_rpc_error
+from calcsvc.client import CalculatorClientBase, channel_options
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -80,16 +79,8 @@ class CalculatorClient(CalculatorClientBase):
         request = self._request(a, b)
 
         async def attempt() -> float:
-            call = self._calls.start(PATHS[name])
-            try:
+            with self._network_call(name):
                 reply = await method(request, timeout=self.timeout)
-            except grpc.RpcError as error:
-                call.failed(error)
-                raise from_rpc_error(error) from None
-            except BaseException as error:
-                call.failed(error)
-                raise
-            call.succeeded()
             return reply.value
 
         return await self._guard.call_async(attempt)
