@@ -21,17 +21,25 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
-from calcsvc._generated.calc.v1 import calculator_pb2_grpc
-from calcsvc.calculator import METHODS, SERVICE_NAME, CalculatorServicer, Faults
+from calcsvc.calculator import (
+    METHODS,
+    SERVICE_NAME,
+    CalculatorServicer,
+    Faults,
+    add_calculator,
+)
 from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
+from calcsvc.instrumentation._http import MetricsServer, start_metrics_server
 
 if TYPE_CHECKING:
     from types import FrameType
-    from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import CollectorRegistry
+
+    from calcsvc._generated.calc.v1 import calculator_pb2_grpc
+    from calcsvc.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,19 @@ WHOLE_SERVER = ""
 PARENT_POLL_SECONDS = 0.5
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
 
+# Limits that keep one client from taking the server for itself. A request
+# is 18 bytes; 64 KiB leaves room for any health or reflection request.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
+# The server pings a connection idle this long, and drops it when the ping
+# is not answered in time: dead clients do not hold connections for hours.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# A client may ping no more often than this while it sends nothing; after
+# MAX_PING_STRIKES pings too early, the server closes its connection.
+MIN_PING_INTERVAL_MS = 10_000
+MAX_PING_STRIKES = 2
+
 
 def format_address(host: str, port: int) -> str:
     """Join a host and a port, bracketing an IPv6 host."""
@@ -57,11 +78,29 @@ def add_services(
     server: grpc.Server | grpc.aio.Server,
     calculator: calculator_pb2_grpc.CalculatorServicer,
     health_servicer: health_pb2_grpc.HealthServicer,
+    *,
+    reflection_on: bool = True,
 ) -> None:
     """Add the Calculator, the health service and reflection to ``server``."""
-    calculator_pb2_grpc.add_CalculatorServicer_to_server(calculator, server)
+    add_calculator(calculator, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    if reflection_on:
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Return the gRPC options of both servers: their limits and keepalive."""
+    return [
+        # Without this, grpcio shares a port that another server already
+        # listens on, and a second server would start without an error.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
 
 
 class ServerStartError(Exception):
@@ -75,7 +114,9 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
-    """Port of the ``/metrics`` endpoint, on the same host; 0 turns it off."""
+    """Port of the ``/metrics`` endpoint; 0 turns it off."""
+    metrics_host: str | None = None
+    """Address of the ``/metrics`` endpoint; None: the same as ``host``."""
     workers: int = 10
     """Threads that run calls; one call holds one thread until it ends."""
     grace: float = 5.0
@@ -88,6 +129,16 @@ class ServerConfig:
     """Seed of the injected errors' draws: a seed fails the same calls each run."""
     parent_pid: int | None = None
     """Drain and exit once this process, the server's parent, has exited."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request accepted; a larger one gets RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    """Calls one connection may have in flight; more wait in the client."""
+    tls: ServerTls | None = None
+    """Serve gRPC over TLS (mutual TLS with a client CA); None: plain text."""
+    metrics_tls: bool = False
+    """Serve ``/metrics`` over HTTPS with the same files as ``tls``."""
+    reflection: bool = True
+    """Answer server reflection, which lists the services and their messages."""
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, with a message that says why."""
@@ -99,7 +150,18 @@ class ServerConfig:
             raise ValueError("workers must be at least 1")
         if self.grace < 0 or self.drain_delay < 0:
             raise ValueError("grace and drain delay must not be negative")
+        if self.max_message_bytes < 1 or self.max_concurrent_streams < 1:
+            raise ValueError(
+                "max message bytes and max concurrent streams must be at least 1"
+            )
+        if self.metrics_tls and self.tls is None:
+            raise ValueError("metrics over TLS needs the server's TLS files")
         self.faults()
+
+    @property
+    def metrics_address(self) -> str:
+        """The host of the ``/metrics`` endpoint."""
+        return self.host if self.metrics_host is None else self.metrics_host
 
     def faults(self) -> Faults:
         """Return the faults to inject, with their own random draws."""
@@ -164,7 +226,7 @@ class ServingStatus:
 
 
 def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
-    """Add the insecure port of ``config`` to ``server``; return the port number.
+    """Add the port of ``config`` to ``server``, over TLS if set; return its number.
 
     Raises:
         ServerStartError: the port is in use or the host is not available.
@@ -172,6 +234,8 @@ def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
     """
     address = format_address(config.host, config.port)
     try:
+        if config.tls is not None:
+            return server.add_secure_port(address, config.tls.grpc_credentials())
         return server.add_insecure_port(address)
     except RuntimeError as error:
         raise ServerStartError(
@@ -182,7 +246,7 @@ def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
 
 def serve_metrics(
     config: ServerConfig, registry: CollectorRegistry
-) -> WSGIServer | None:
+) -> MetricsServer | None:
     """Serve ``/metrics`` as ``config`` says; None when metrics are off.
 
     Raises:
@@ -191,18 +255,22 @@ def serve_metrics(
     """
     if not config.metrics_port:
         return None
+    context = None
+    if config.metrics_tls and config.tls is not None:
+        context = config.tls.ssl_context()
     try:
-        httpd, _ = start_http_server(config.metrics_port, config.host, registry)
+        return start_metrics_server(
+            registry, config.metrics_address, config.metrics_port, context
+        )
     except OSError as error:
         raise ServerStartError(
             "cannot serve metrics on "
-            f"{format_address(config.host, config.metrics_port)}: "
+            f"{format_address(config.metrics_address, config.metrics_port)}: "
             f"{error.strerror}"
         ) from error
-    return httpd
 
 
-def stop_metrics(httpd: WSGIServer | None) -> None:
+def stop_metrics(httpd: MetricsServer | None) -> None:
     """Stop serving ``/metrics``."""
     if httpd is not None:
         httpd.shutdown()
@@ -214,11 +282,17 @@ def log_listening(config: ServerConfig, port: int, workers: str) -> None:
     log.info(
         "listening address=%s metrics=%s workers=%s",
         format_address(config.host, port),
-        format_address(config.host, config.metrics_port)
+        format_address(config.metrics_address, config.metrics_port)
         if config.metrics_port
         else "off",
         workers,
     )
+    if config.tls is not None:
+        log.info(
+            "tls on client_certificates=%s metrics=%s",
+            "required" if config.tls.client_ca else "none",
+            "https" if config.metrics_tls else "http",
+        )
     if config.inject_latency_ms or config.inject_error_rate:
         log.warning(
             "injecting faults latency_ms=%g error_rate=%g seed=%s",
@@ -252,15 +326,18 @@ class CalculatorServer:
             interceptors=[ServerMetricsInterceptor(self._registry, METHODS)]
             if config.metrics_port
             else [],
-            # Without this, grpcio shares a port that another server already
-            # listens on, and a second server would start without an error.
-            options=[("grpc.so_reuseport", 0)],
+            options=server_options(config),
         )
         health_servicer = health.HealthServicer()
-        add_services(self._server, CalculatorServicer(config.faults()), health_servicer)
+        add_services(
+            self._server,
+            CalculatorServicer(config.faults()),
+            health_servicer,
+            reflection_on=config.reflection,
+        )
         self.serving = ServingStatus(health_servicer, self._registry)
         self.port = config.port
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._stopping = threading.Event()
 
     def start(self) -> None:
