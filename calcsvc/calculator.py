@@ -25,8 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A request as the servicers receive it: None when its bytes did not parse.
-_Request = calculator_pb2.BinaryRequest | None
+
+class UnparsedRequest:
+    """Stands for request bytes that are no ``BinaryRequest``.
+
+    grpcio takes a deserializer's None for its own failure, so a request that
+    did not parse needs an object of its own.
+    """
+
+
+UNPARSED = UnparsedRequest()
+
+# A request as the servicers receive it.
+_Request = calculator_pb2.BinaryRequest | UnparsedRequest
 
 SERVICE_NAME = calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_name
 
@@ -129,8 +140,8 @@ class Faults:
             await context.abort(grpc.StatusCode.UNAVAILABLE, INJECTED_FAULT)
 
 
-def parse_request(data: bytes) -> calculator_pb2.BinaryRequest | None:
-    """Parse a request's bytes; None when they are not a ``BinaryRequest``.
+def parse_request(data: bytes) -> _Request:
+    """Parse a request's bytes; :data:`UNPARSED` when they are no ``BinaryRequest``.
 
     grpcio answers bytes its deserializer cannot parse itself, differently
     on each server (INTERNAL on the threaded one, UNKNOWN with the
@@ -140,7 +151,7 @@ def parse_request(data: bytes) -> calculator_pb2.BinaryRequest | None:
     try:
         return calculator_pb2.BinaryRequest.FromString(data)
     except DecodeError:
-        return None
+        return UNPARSED
 
 
 def add_calculator(
@@ -150,7 +161,7 @@ def add_calculator(
     """Add the Calculator to ``server``, as the generated code does.
 
     The difference: requests are parsed by :func:`parse_request`, so that
-    bytes that do not parse reach the servicer as None.
+    bytes that do not parse reach the servicer as :data:`UNPARSED`.
     """
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -170,9 +181,7 @@ def add_calculator(
     )
 
 
-def answer(
-    method: str, request: calculator_pb2.BinaryRequest | None
-) -> calculator_pb2.Result:
+def answer(method: str, request: _Request) -> calculator_pb2.Result:
     """Answer ``request`` to ``method``, or say why not.
 
     Raises:
@@ -181,7 +190,7 @@ def answer(
             error is logged here).
 
     """
-    if request is None:
+    if isinstance(request, UnparsedRequest):
         raise OperationRefusedError(grpc.StatusCode.INVALID_ARGUMENT, NOT_A_REQUEST)
     try:
         value = evaluate(method, request.a, request.b)
