@@ -17,7 +17,7 @@ import pytest
 from calcsvc._generated.calc.v1 import calculator_pb2
 from calcsvc.calculator import NOT_A_REQUEST, OPERATIONS, SERVICE_NAME
 from calcsvc.server import DEFAULT_MAX_MESSAGE_BYTES
-from tests.support import HOST, scrape
+from tests.support import HOST, scrape, wait_until
 
 # A request with the operands 1 and 2, padded with an unknown field (7) of
 # ``size`` bytes in all: proto3 parses and ignores it.
@@ -60,10 +60,10 @@ def raw(channel, method):
     return channel.unary_unary(f"/{SERVICE_NAME}/{method}")
 
 
-def refused(send, payload):
+def refused(send, payload, timeout=5.0):
     """Send ``payload``, expect a refusal, and check what it says."""
     with pytest.raises(grpc.RpcError) as failed:
-        send(payload, timeout=5)
+        send(payload, timeout=timeout)
     details = failed.value.details() or ""
     for leak in ("Traceback", 'File "', ".py", "calcsvc/", "Error"):
         assert leak not in details, details
@@ -202,3 +202,28 @@ def test_garbage_on_the_metrics_port_gets_a_4xx_and_scrapes_go_on(shared_server)
         answer = exchange(shared_server.metrics_port, payload)
         assert re.search(rb"Error code explanation: 4\d\d", answer), answer
     assert scrape(shared_server.metrics_port).value("calcsvc_server_serving") == 2
+
+
+def test_calls_past_the_stream_limit_wait_in_the_client(start_server):
+    server = start_server(
+        "--max-concurrent-streams", "1", "--inject-latency-ms", "10000"
+    )
+    request = calculator_pb2.BinaryRequest(a=1, b=1).SerializeToString()
+    with grpc.insecure_channel(server.target) as channel:
+        first = raw(channel, "Add").future(request, timeout=20)
+        wait_until(
+            lambda: (
+                scrape(server.metrics_port).value(
+                    "grpc_server_started_total", grpc_method="Add"
+                )
+                == 1
+            )
+        )
+        # The connection's one stream is taken: the second call never
+        # reaches the server before its deadline.
+        error = refused(raw(channel, "Subtract"), request, timeout=1)
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        metrics = scrape(server.metrics_port)
+        assert metrics.value("grpc_server_started_total", grpc_method="Subtract") == 0
+        first.cancel()
+    server.kill()  # rather than wait for the first call's latency to pass
