@@ -57,13 +57,16 @@ DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
 # is 18 bytes; 64 KiB leaves room for any health or reflection request.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 100
-# The server pings a connection idle this long, and drops it when the ping
-# is not answered in time: dead clients do not hold connections for hours.
+# With calls in flight (a health Watch stream), the server pings a connection
+# quiet this long, and closes it when the ping is not answered in time: a
+# client that vanished does not hold its stream for hours.
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
-# A client may ping no more often than this while it sends nothing; after
-# MAX_PING_STRIKES pings too early, the server closes its connection.
-MIN_PING_INTERVAL_MS = 10_000
+# A client may ping no more often than this while no data flows (grpcio's
+# own rule without calls: once in two hours); after MAX_PING_STRIKES pings
+# too early the server sends GOAWAY and closes the connection, so pings
+# cannot be used to keep the server busy.
+MIN_PING_INTERVAL_MS = 30_000
 MAX_PING_STRIKES = 2
 
 
