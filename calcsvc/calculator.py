@@ -9,10 +9,10 @@ import operator
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 
@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+_Message = TypeVar("_Message", bound=Message)
+
+
 class UnparsedRequest:
-    """Stands for request bytes that are no ``BinaryRequest``.
+    """Stands for request bytes that are not the message they should be.
 
     grpcio takes a deserializer's None for its own failure, so a request that
     did not parse needs an object of its own.
@@ -43,8 +46,6 @@ SERVICE_NAME = calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_nam
 
 # What an injected error says, so that it is told apart from a real one.
 INJECTED_FAULT = "injected fault"
-# What a request whose bytes are no BinaryRequest is told.
-NOT_A_REQUEST = "the request is not a valid calc.v1.BinaryRequest"
 
 OPERATIONS: dict[str, Callable[[float, float], float]] = {
     "Add": operator.add,
@@ -140,8 +141,8 @@ class Faults:
             await context.abort(grpc.StatusCode.UNAVAILABLE, INJECTED_FAULT)
 
 
-def parse_request(data: bytes) -> _Request:
-    """Parse a request's bytes; :data:`UNPARSED` when they are no ``BinaryRequest``.
+def parse(message_type: type[_Message], data: bytes) -> _Message | UnparsedRequest:
+    """Parse ``data`` as a ``message_type``; :data:`UNPARSED` when it is not one.
 
     grpcio answers bytes its deserializer cannot parse itself, differently
     on each server (INTERNAL on the threaded one, UNKNOWN with the
@@ -149,9 +150,22 @@ def parse_request(data: bytes) -> _Request:
     log each time. Parsed here, they get the same INVALID_ARGUMENT on both.
     """
     try:
-        return calculator_pb2.BinaryRequest.FromString(data)
+        return message_type.FromString(data)
     except DecodeError:
         return UNPARSED
+
+
+def not_a(message_type: type[Message]) -> str:
+    """Return what a request that is not a ``message_type`` is told."""
+    return f"the request is not a valid {message_type.DESCRIPTOR.full_name}"
+
+
+NOT_A_REQUEST = not_a(calculator_pb2.BinaryRequest)
+
+
+def parse_request(data: bytes) -> _Request:
+    """Parse a Calculator request; :data:`UNPARSED` when it is no ``BinaryRequest``."""
+    return parse(calculator_pb2.BinaryRequest, data)
 
 
 def add_calculator(

@@ -28,12 +28,16 @@ from calcsvc.calculator import (
     SERVICE_NAME,
     CalculatorServicer,
     Faults,
+    UnparsedRequest,
     add_calculator,
+    not_a,
+    parse,
 )
 from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
 from calcsvc.instrumentation._http import MetricsServer, start_metrics_server
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
     from prometheus_client import CollectorRegistry
@@ -86,9 +90,76 @@ def add_services(
 ) -> None:
     """Add the Calculator, the health service and reflection to ``server``."""
     add_calculator(calculator, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_health(health_servicer, server)
     if reflection_on:
         reflection.enable_server_reflection(SERVICE_NAMES, server)
+
+
+NOT_A_HEALTH_REQUEST = not_a(health_pb2.HealthCheckRequest)
+
+
+def _parse_health_request(data: bytes) -> object:
+    return parse(health_pb2.HealthCheckRequest, data)
+
+
+def add_health(
+    servicer: health_pb2_grpc.HealthServicer, server: grpc.Server | grpc.aio.Server
+) -> None:
+    """Add grpcio's health ``servicer`` to ``server``, parsing its requests first.
+
+    Requests that do not parse get INVALID_ARGUMENT, as the Calculator's do,
+    rather than grpcio's own answer and a traceback in the log.
+    """
+    refusal = (grpc.StatusCode.INVALID_ARGUMENT, NOT_A_HEALTH_REQUEST)
+    check: Callable[..., object]
+    watch: Callable[..., object]
+    if isinstance(server, grpc.aio.Server):
+
+        async def check(
+            request: object, context: grpc.aio.ServicerContext[object, object]
+        ) -> object:
+            if isinstance(request, UnparsedRequest):
+                await context.abort(*refusal)
+            return await servicer.Check(request, context)
+
+        async def watch(
+            request: object, context: grpc.aio.ServicerContext[object, object]
+        ) -> None:
+            if isinstance(request, UnparsedRequest):
+                await context.abort(*refusal)
+            await servicer.Watch(request, context)
+
+    else:
+
+        def check(request: object, context: grpc.ServicerContext) -> object:
+            if isinstance(request, UnparsedRequest):
+                context.abort(*refusal)
+            return servicer.Check(request, context)
+
+        def watch(request: object, context: grpc.ServicerContext) -> object:
+            if isinstance(request, UnparsedRequest):
+                context.abort(*refusal)
+            return servicer.Watch(request, context)
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=_parse_health_request,
+            response_serializer=serialize,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=_parse_health_request,
+            response_serializer=serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(  # type: ignore[union-attr]
+        HEALTH_SERVICE_NAME, handlers
+    )
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -16,7 +16,12 @@ import pytest
 
 from calcsvc._generated.calc.v1 import calculator_pb2
 from calcsvc.calculator import NOT_A_REQUEST, OPERATIONS, SERVICE_NAME
-from calcsvc.server import DEFAULT_MAX_MESSAGE_BYTES
+from calcsvc.process import check_serving
+from calcsvc.server import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HEALTH_SERVICE_NAME,
+    NOT_A_HEALTH_REQUEST,
+)
 from tests.support import HOST, scrape, wait_until
 
 # A request with the operands 1 and 2, padded with an unknown field (7) of
@@ -94,6 +99,26 @@ def test_bytes_that_are_no_request_are_invalid_argument(shared_server, channel, 
         "grpc_server_handled_total", **labels
     )
     assert counted == len(MALFORMED)
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_health_requests_that_do_not_parse_are_invalid_argument(
+    shared_server, channel, method
+):
+    path = f"/{HEALTH_SERVICE_NAME}/{method}"
+    send = (
+        channel.unary_unary(path)
+        if method == "Check"
+        else lambda payload, timeout: list(
+            channel.unary_stream(path)(payload, timeout=timeout)
+        )
+    )
+    for payload in MALFORMED:
+        error = refused(send, payload)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == NOT_A_HEALTH_REQUEST
+    assert check_serving(shared_server.target, timeout=5)
+    still_serves(channel)
 
 
 def test_unknown_fields_and_empty_requests_are_requests(channel):
