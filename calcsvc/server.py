@@ -33,8 +33,12 @@ from calcsvc.calculator import (
     not_a,
     parse,
 )
-from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
-from calcsvc.instrumentation._http import MetricsServer, start_metrics_server
+from calcsvc.instrumentation import (
+    MetricsServer,
+    ServerMetricsInterceptor,
+    serving_gauge,
+    start_metrics_server,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -183,7 +187,7 @@ class ServerStartError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How a calcsvc server listens, drains and misbehaves on purpose."""
+    """How a calcsvc server listens, secures, limits, drains and misbehaves."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT

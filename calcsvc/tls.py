@@ -82,7 +82,7 @@ class ServerTls:
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """Return the credentials of a gRPC port that serves these files."""
-        self.check()
+        _check_pair(self.cert, self.key)
         client_ca = None if self.client_ca is None else _check_ca(self.client_ca)
         return grpc.ssl_server_credentials(
             [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))],

@@ -43,7 +43,7 @@ from calcsvc.server import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from calcsvc.instrumentation._http import MetricsServer
+    from calcsvc.instrumentation import MetricsServer
 
 log = logging.getLogger(__name__)
 
