@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from calcsvc import BackendError, CalculatorClient
 from calcsvc.process import ServerProcess, check_serving
+from calcsvc.server import ServerConfig
 from calcsvc.tls import ClientTls, TlsConfigError
 from tests.certs import make_certificates
 
@@ -286,3 +287,10 @@ def test_metrics_can_listen_on_their_own_address(start_server):
         assert b"calcsvc_server_serving" in response.read()
     with pytest.raises(urllib.error.URLError):
         scrape(server.metrics_port)  # nothing on the gRPC host's address
+
+
+def test_server_config_refuses_metrics_tls_without_tls():
+    with pytest.raises(ValueError, match="needs the server's TLS files"):
+        ServerConfig(metrics_tls=True)
+    with pytest.raises(ValueError, match="at least 1"):
+        ServerConfig(max_message_bytes=0)

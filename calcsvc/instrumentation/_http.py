@@ -48,7 +48,8 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
     """Serves ``/metrics`` from a registry, one thread per connection."""
 
     daemon_threads = True
-    # Bind an IPv6 host too; set per instance before the socket is made.
+    # start_metrics_server picks the family of the host it binds, so that an
+    # IPv6 address works too.
     address_family = socket.AF_INET
 
     def handle_error(
