@@ -71,9 +71,9 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 100
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 # A client may ping no more often than this while no data flows (grpcio's
-# own rule without calls: once in two hours); after MAX_PING_STRIKES pings
-# too early the server sends GOAWAY and closes the connection, so pings
-# cannot be used to keep the server busy.
+# own rule without calls: once in two hours); after more than
+# MAX_PING_STRIKES pings too early the server sends GOAWAY and closes the
+# connection, so pings cannot be used to keep the server busy.
 MIN_PING_INTERVAL_MS = 30_000
 MAX_PING_STRIKES = 2
 
