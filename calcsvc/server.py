@@ -484,7 +484,11 @@ def serve(config: ServerConfig) -> None:
             name="calcsvc-parent-watch",
             daemon=True,
         ).start()
-    signalled.wait()
+    # Python runs signal handlers in the main thread only, and a signal that
+    # lands on one of grpcio's threads does not wake a wait without a
+    # timeout: waking up now and then lets the handler run.
+    while not signalled.wait(PARENT_POLL_SECONDS):
+        pass
     server.shutdown()
 
 
