@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 _VALID = dt.timedelta(days=1)
+METRICS_HOST = "127.0.0.2"  # the whole of 127.0.0.0/8 is loopback on Linux
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class _Authority:
                     [
                         x509.DNSName("localhost"),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        # The address tests give /metrics of its own.
+                        x509.IPAddress(ipaddress.ip_address(METRICS_HOST)),
                     ]
                 ),
                 critical=False,

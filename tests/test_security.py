@@ -22,10 +22,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client import CollectorRegistry
 
 from calcsvc import BackendError, CalculatorClient
+from calcsvc.cli import main
 from calcsvc.process import ServerProcess, check_serving
 from calcsvc.server import ServerConfig
 from calcsvc.tls import ClientTls, TlsConfigError
-from tests.certs import make_certificates
+from tests.certs import METRICS_HOST, make_certificates
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -85,9 +86,16 @@ def start_tls_server(log_path, certs, kind, *extra_args, credentials):
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory, certs, kind):
-    """A server over TLS, without client certificates."""
+    """A server over TLS, without client certificates, with /metrics apart."""
     path = tmp_path_factory.mktemp("tls") / "server.log"
-    server = start_tls_server(path, certs, kind, credentials=client_tls(certs))
+    server = start_tls_server(
+        path,
+        certs,
+        kind,
+        "--metrics-host",
+        METRICS_HOST,
+        credentials=client_tls(certs),
+    )
     yield server
     server.stop()
 
@@ -188,18 +196,21 @@ def test_a_locked_down_server_answers_no_reflection(mtls_server, certs):
     assert failed.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
-def https_scrape(port, context):
-    url = f"https://{HOST}:{port}/metrics"
+def https_scrape(port, context, host=HOST):
+    url = f"https://{host}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5, context=context) as response:
         return Metrics(response.read().decode())
 
 
-def test_metrics_are_served_over_https(tls_server, certs):
+def test_metrics_are_served_over_https_on_their_own_address(tls_server, certs):
     context = ssl.create_default_context(cafile=certs.ca)
-    metrics = https_scrape(tls_server.metrics_port, context)
+    metrics = https_scrape(tls_server.metrics_port, context, METRICS_HOST)
     assert metrics.value("calcsvc_server_serving", service="") == 1
+    url = f"http://{METRICS_HOST}:{tls_server.metrics_port}/metrics"
     with pytest.raises((urllib.error.URLError, ConnectionError)):
-        scrape(tls_server.metrics_port)  # plain HTTP gets nothing
+        urllib.request.urlopen(url, timeout=5)  # plain HTTP gets nothing
+    with pytest.raises(urllib.error.URLError):
+        scrape(tls_server.metrics_port)  # nothing on the gRPC address
 
 
 def test_metrics_under_mutual_tls_need_a_client_certificate(mtls_server, certs):
@@ -216,15 +227,18 @@ def test_metrics_under_mutual_tls_need_a_client_certificate(mtls_server, certs):
 def test_a_half_open_connection_does_not_block_https_scrapes(tls_server, certs):
     context = ssl.create_default_context(cafile=certs.ca)
     # A client that connects and never finishes its handshake.
-    with socket.create_connection((HOST, tls_server.metrics_port)) as silent:
+    address = (METRICS_HOST, tls_server.metrics_port)
+    with socket.create_connection(address) as silent:
         silent.sendall(b"\x16\x03\x01")
-        assert https_scrape(tls_server.metrics_port, context).value(
+        assert https_scrape(tls_server.metrics_port, context, METRICS_HOST).value(
             "calcsvc_server_serving", service=""
         )
         assert add(tls_server.target, client_tls(certs)) == 5
 
 
-def test_the_client_commands_speak_tls(mtls_server, certs):
+def test_the_client_commands_speak_tls(mtls_server, certs, kind):
+    if kind:
+        pytest.skip("the client commands are run once, against the threaded server")
     tls = [
         "--tls-ca",
         str(certs.ca),
@@ -264,29 +278,23 @@ def test_the_client_commands_speak_tls(mtls_server, certs):
         (("sub", "1", "2", "--tls-ca", "{server_key}"), "holds no PEM certificate"),
     ],
 )
-def test_bad_tls_options_are_a_clear_error(certs, tmp_path, args, words):
+def test_bad_tls_options_are_a_clear_error(certs, tmp_path, capsys, args, words):
     paths = {name: str(getattr(certs, name)) for name in ("ca", "server_key")}
     paths["client_cert"] = str(certs.client_cert)
     paths["missing"] = str(tmp_path / "missing.pem")
-    result = run_calcsvc(*(arg.format(**paths) for arg in args))
-    assert result.returncode == 2
-    assert words in result.stderr
-    assert "Traceback" not in result.stderr
+    # Refused while the arguments are parsed, before anything starts.
+    with pytest.raises(SystemExit) as exited:
+        main([arg.format(**paths) for arg in args])
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "usage: calcsvc" in stderr
+    assert words in stderr
+    assert "Traceback" not in stderr
 
 
 def test_client_tls_refuses_a_certificate_without_its_key(certs):
     with pytest.raises(TlsConfigError, match="go together"):
         ClientTls(certs.ca, cert=certs.client_cert)
-
-
-def test_metrics_can_listen_on_their_own_address(start_server):
-    # The whole of 127.0.0.0/8 is loopback on Linux.
-    server = start_server("--metrics-host", "127.0.0.2")
-    url = f"http://127.0.0.2:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        assert b"calcsvc_server_serving" in response.read()
-    with pytest.raises(urllib.error.URLError):
-        scrape(server.metrics_port)  # nothing on the gRPC host's address
 
 
 def test_server_config_refuses_metrics_tls_without_tls():
