@@ -20,14 +20,18 @@ from calcsvc.client import CalculatorClient
 from calcsvc.demo import DemoConfig
 from calcsvc.demo import run as run_demo
 from calcsvc.errors import BreakerOpenError, CallError
+from calcsvc.process import open_channel
 from calcsvc.server import (
     DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     ServerConfig,
     ServerStartError,
     serve,
 )
+from calcsvc.tls import ClientTls, ServerTls, TlsConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -87,9 +91,99 @@ _non_negative = _argument(
     float, "a number", lambda x: 0 <= x < math.inf, "must be a finite number, 0 or more"
 )
 _rate = _argument(float, "a number", lambda x: 0 <= x <= 1, "must be between 0 and 1")
+
+
+def _readable_file(text: str) -> Path:
+    """Return ``text`` as a path, if it names a file this process can read."""
+    path = Path(text)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r}: {error.strerror}"
+        ) from None
+    return path
+
+
 # NaN and infinities are operands on purpose: the server's answer to them is
 # part of the contract, and the CLI shows it.
 _operand = _argument(float, "a number", lambda _: True, "")
+
+
+def _add_limits_and_security(parser: argparse.ArgumentParser) -> None:
+    """Add ``calcsvc serve``'s limits and its TLS options to ``parser``."""
+    limits = parser.add_argument_group(
+        "limits", "what one client may ask of the server"
+    )
+    limits.add_argument(
+        "--max-message-bytes",
+        type=_count,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request accepted; larger ones get RESOURCE_EXHAUSTED "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-concurrent-streams",
+        type=_count,
+        default=DEFAULT_MAX_CONCURRENT_STREAMS,
+        help="calls one connection may have in flight at once (default: %(default)s)",
+    )
+    security = parser.add_argument_group(
+        "security", "TLS, mutual TLS and what the server reveals"
+    )
+    security.add_argument(
+        "--tls-cert",
+        type=_readable_file,
+        metavar="PEM",
+        help="serve gRPC over TLS with this certificate (chain); needs --tls-key",
+    )
+    security.add_argument(
+        "--tls-key", type=_readable_file, metavar="PEM", help="its private key"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=_readable_file,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    security.add_argument(
+        "--metrics-tls",
+        action="store_true",
+        help="serve /metrics over HTTPS with the same certificate, key and "
+        "client CA (default: plain HTTP)",
+    )
+    security.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        help="do not answer server reflection (default: on)",
+    )
+
+
+def _client_tls_parser() -> argparse.ArgumentParser:
+    """Return a parent parser with the TLS options of the client commands."""
+    parser = argparse.ArgumentParser(add_help=False)
+    tls = parser.add_argument_group(
+        "TLS", "any of these connects over TLS; plain text without them"
+    )
+    tls.add_argument(
+        "--tls-ca",
+        type=_readable_file,
+        metavar="PEM",
+        help="trust the server's certificate only if this CA signed it "
+        "(default with TLS: the system's CAs)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        type=_readable_file,
+        metavar="PEM",
+        help="the client's certificate, for mutual TLS; needs --tls-key",
+    )
+    tls.add_argument(
+        "--tls-key", type=_readable_file, metavar="PEM", help="its private key"
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         default=DEFAULT_METRICS_PORT,
-        help="port of /metrics, on the same host; 0 turns it off "
-        "(default: %(default)s)",
+        help="port of /metrics; 0 turns it off (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--metrics-host",
+        help="address /metrics listens on (default: the --host address)",
     )
     serve_parser.add_argument(
         "--aio",
@@ -179,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed the draws of --inject-error-rate, so a run fails the same "
         "calls, in the order they arrive, every time (default: random)",
     )
+    _add_limits_and_security(serve_parser)
     serve_parser.add_argument(
         "--parent-pid",
         type=int,
@@ -186,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         "parent, has exited (used by calcsvc demo)",
     )
 
-    client_options = argparse.ArgumentParser(add_help=False)
+    client_tls = _client_tls_parser()
+    client_options = argparse.ArgumentParser(add_help=False, parents=[client_tls])
     client_options.add_argument(
         "--target", default=DEFAULT_TARGET, help="server address (default: %(default)s)"
     )
@@ -213,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     health_parser = commands.add_parser(
         "health",
-        parents=[common],
+        parents=[common, client_tls],
         help="check a server's health, with grpc_health_probe's exit codes",
         description="Ask the standard gRPC health service. Exit codes: 0 serving, "
         "2 cannot connect, 3 the check failed, 4 not serving.",
@@ -311,12 +410,56 @@ def _error(message: str) -> None:
     print(f"calcsvc: error: {message}", file=sys.stderr)
 
 
+def _server_tls(args: argparse.Namespace) -> ServerTls | None:
+    if args.tls_cert is None:
+        return None
+    return ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTls | None:
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    tls = _client_tls(args)
+    return None if tls is None else tls.grpc_credentials()
+
+
+def _check_tls_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
+    """Refuse TLS options that do not go together, or files that are not PEM."""
+    if args.command == "demo":
+        return
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both or neither")
+    try:
+        if args.command != "serve":
+            _credentials(args)
+            return
+        if args.tls_cert is None and (args.tls_client_ca or args.metrics_tls):
+            parser.error("--tls-client-ca and --metrics-tls need --tls-cert")
+        tls = _server_tls(args)
+        if tls is not None:
+            tls.check()
+    except TlsConfigError as error:
+        parser.error(str(error))
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig(
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            max_message_bytes=args.max_message_bytes,
+            max_concurrent_streams=args.max_concurrent_streams,
+            tls=_server_tls(args),
+            metrics_tls=args.metrics_tls,
+            reflection=args.reflection,
             workers=args.workers,
             grace=args.grace,
             drain_delay=args.drain_delay,
@@ -341,7 +484,9 @@ def _calculate(args: argparse.Namespace) -> int:
                 f"cannot serve metrics on port {args.metrics_port}: {error.strerror}"
             )
             return 1
-    with CalculatorClient(args.target, timeout=args.timeout) as client:
+    with CalculatorClient(
+        args.target, timeout=args.timeout, credentials=_credentials(args)
+    ) as client:
         try:
             result = getattr(client, args.method)(args.a, args.b)
         except (CallError, BreakerOpenError) as error:
@@ -352,7 +497,7 @@ def _calculate(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, _credentials(args)) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=args.timeout)
         except grpc.FutureTimeoutError:
@@ -432,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         _check_demo_options(parser, args)
+    _check_tls_options(parser, args)
     _configure_logging(
         args.log_level, "info" if args.command in ("serve", "demo") else "warning"
     )

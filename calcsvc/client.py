@@ -97,6 +97,12 @@ class CalculatorClientBase:
     The breaker and the gRPC calls are measured in ``registry`` (default:
     prometheus_client's global one), under the breaker label ``name``. Two
     clients in one registry need two names.
+
+    With ``credentials`` (for example from
+    :meth:`calcsvc.tls.ClientTls.grpc_credentials`) the channel uses TLS;
+    without them it is plain text. A server that refuses the client's
+    certificate, or whose own certificate the client does not trust, fails
+    every call with UNAVAILABLE, as a server that is down does.
     """
 
     def __init__(  # noqa: PLR0913 - the client's documented options
@@ -109,12 +115,14 @@ class CalculatorClientBase:
         timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
         name: str = "calculator",
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """Create a client of the server at ``target`` (``host:port``)."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.target = target
         self.timeout = timeout
+        self._credentials = credentials
 
         listener = PrometheusListener(registry)
         self.breaker: Breaker = create_breaker(
@@ -161,9 +169,11 @@ class CalculatorClient(CalculatorClientBase):
     """
 
     def _connect(self, reset_timeout: float) -> None:
-        self._channel = grpc.insecure_channel(
-            self.target, channel_options(reset_timeout)
-        )
+        options = channel_options(reset_timeout)
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options)
+        else:
+            self._channel = grpc.secure_channel(self.target, self._credentials, options)
         self._stub: CalculatorStub = calculator_pb2_grpc.CalculatorStub(self._channel)
 
     def add(self, a: float, b: float) -> float:

@@ -23,9 +23,23 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 
-def check_serving(target: str, timeout: float, service: str = "") -> bool:
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.Channel:
+    """Open a channel to ``target``, over TLS when there are ``credentials``."""
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)
+
+
+def check_serving(
+    target: str,
+    timeout: float,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
     """Return whether the health service at ``target`` says SERVING."""
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -41,7 +55,7 @@ def check_serving(target: str, timeout: float, service: str = "") -> bool:
 class ServerProcess:
     """A ``calcsvc serve`` child process on a fixed port."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the server's documented options
         self,
         host: str,
         port: int,
@@ -49,9 +63,14 @@ class ServerProcess:
         metrics_port: int = 0,
         extra_args: Sequence[str] = (),
         stderr: IO[bytes] | int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """Describe the server; :meth:`start` runs it."""
+        """Describe the server; :meth:`start` runs it.
+
+        A server started with ``--tls-cert`` is checked with ``credentials``.
+        """
         self.host = host
+        self.credentials = credentials
         self.port = port
         self.metrics_port = metrics_port
         self.target = format_address(host, port)
@@ -102,7 +121,7 @@ class ServerProcess:
                     f"the server for {self.target} exited with code {returncode} "
                     "before it was serving"
                 )
-            if check_serving(self.target, timeout=0.25):
+            if check_serving(self.target, timeout=0.25, credentials=self.credentials):
                 return
         self.kill()
         raise ServerStartError(

@@ -21,17 +21,33 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
-from calcsvc._generated.calc.v1 import calculator_pb2_grpc
-from calcsvc.calculator import METHODS, SERVICE_NAME, CalculatorServicer, Faults
-from calcsvc.instrumentation import ServerMetricsInterceptor, serving_gauge
+from calcsvc.calculator import (
+    METHODS,
+    SERVICE_NAME,
+    CalculatorServicer,
+    Faults,
+    UnparsedRequest,
+    add_calculator,
+    not_a,
+    parse,
+)
+from calcsvc.instrumentation import (
+    MetricsServer,
+    ServerMetricsInterceptor,
+    serving_gauge,
+    start_metrics_server,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
-    from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import CollectorRegistry
+
+    from calcsvc._generated.calc.v1 import calculator_pb2_grpc
+    from calcsvc.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +61,22 @@ WHOLE_SERVER = ""
 PARENT_POLL_SECONDS = 0.5
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a server is reached from other hosts
 
+# Limits that keep one client from taking the server for itself. A request
+# is 18 bytes; 64 KiB leaves room for any health or reflection request.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
+# With calls in flight (a health Watch stream), the server pings a connection
+# quiet this long, and closes it when the ping is not answered in time: a
+# client that vanished does not hold its stream for hours.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# A client may ping no more often than this while no data flows (grpcio's
+# own rule without calls: once in two hours); after more than
+# MAX_PING_STRIKES pings too early the server sends GOAWAY and closes the
+# connection, so pings cannot be used to keep the server busy.
+MIN_PING_INTERVAL_MS = 30_000
+MAX_PING_STRIKES = 2
+
 
 def format_address(host: str, port: int) -> str:
     """Join a host and a port, bracketing an IPv6 host."""
@@ -57,11 +89,96 @@ def add_services(
     server: grpc.Server | grpc.aio.Server,
     calculator: calculator_pb2_grpc.CalculatorServicer,
     health_servicer: health_pb2_grpc.HealthServicer,
+    *,
+    reflection_on: bool = True,
 ) -> None:
     """Add the Calculator, the health service and reflection to ``server``."""
-    calculator_pb2_grpc.add_CalculatorServicer_to_server(calculator, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    add_calculator(calculator, server)
+    add_health(health_servicer, server)
+    if reflection_on:
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+
+
+NOT_A_HEALTH_REQUEST = not_a(health_pb2.HealthCheckRequest)
+
+
+def _parse_health_request(data: bytes) -> object:
+    return parse(health_pb2.HealthCheckRequest, data)
+
+
+def add_health(
+    servicer: health_pb2_grpc.HealthServicer, server: grpc.Server | grpc.aio.Server
+) -> None:
+    """Add grpcio's health ``servicer`` to ``server``, parsing its requests first.
+
+    Requests that do not parse get INVALID_ARGUMENT, as the Calculator's do,
+    rather than grpcio's own answer and a traceback in the log.
+    """
+    refusal = (grpc.StatusCode.INVALID_ARGUMENT, NOT_A_HEALTH_REQUEST)
+    check: Callable[..., object]
+    watch: Callable[..., object]
+    if isinstance(server, grpc.aio.Server):
+
+        async def check(
+            request: object, context: grpc.aio.ServicerContext[object, object]
+        ) -> object:
+            if isinstance(request, UnparsedRequest):
+                await context.abort(*refusal)
+            return await servicer.Check(request, context)
+
+        async def watch(
+            request: object, context: grpc.aio.ServicerContext[object, object]
+        ) -> None:
+            if isinstance(request, UnparsedRequest):
+                await context.abort(*refusal)
+            await servicer.Watch(request, context)
+
+    else:
+
+        def check(request: object, context: grpc.ServicerContext) -> object:
+            if isinstance(request, UnparsedRequest):
+                context.abort(*refusal)
+            return servicer.Check(request, context)
+
+        def watch(request: object, context: grpc.ServicerContext) -> object:
+            if isinstance(request, UnparsedRequest):
+                context.abort(*refusal)
+            return servicer.Watch(request, context)
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=_parse_health_request,
+            response_serializer=serialize,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=_parse_health_request,
+            response_serializer=serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(  # type: ignore[union-attr]
+        HEALTH_SERVICE_NAME, handlers
+    )
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Return the gRPC options of both servers: their limits and keepalive."""
+    return [
+        # Without this, grpcio shares a port that another server already
+        # listens on, and a second server would start without an error.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
 
 
 class ServerStartError(Exception):
@@ -70,12 +187,14 @@ class ServerStartError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How a calcsvc server listens, drains and misbehaves on purpose."""
+    """How a calcsvc server listens, secures, limits, drains and misbehaves."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
-    """Port of the ``/metrics`` endpoint, on the same host; 0 turns it off."""
+    """Port of the ``/metrics`` endpoint; 0 turns it off."""
+    metrics_host: str | None = None
+    """Address of the ``/metrics`` endpoint; None: the same as ``host``."""
     workers: int = 10
     """Threads that run calls; one call holds one thread until it ends."""
     grace: float = 5.0
@@ -88,6 +207,16 @@ class ServerConfig:
     """Seed of the injected errors' draws: a seed fails the same calls each run."""
     parent_pid: int | None = None
     """Drain and exit once this process, the server's parent, has exited."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request accepted; a larger one gets RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    """Calls one connection may have in flight; more wait in the client."""
+    tls: ServerTls | None = None
+    """Serve gRPC over TLS (mutual TLS with a client CA); None: plain text."""
+    metrics_tls: bool = False
+    """Serve ``/metrics`` over HTTPS with the same files as ``tls``."""
+    reflection: bool = True
+    """Answer server reflection, which lists the services and their messages."""
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, with a message that says why."""
@@ -99,7 +228,18 @@ class ServerConfig:
             raise ValueError("workers must be at least 1")
         if self.grace < 0 or self.drain_delay < 0:
             raise ValueError("grace and drain delay must not be negative")
+        if self.max_message_bytes < 1 or self.max_concurrent_streams < 1:
+            raise ValueError(
+                "max message bytes and max concurrent streams must be at least 1"
+            )
+        if self.metrics_tls and self.tls is None:
+            raise ValueError("metrics over TLS needs the server's TLS files")
         self.faults()
+
+    @property
+    def metrics_address(self) -> str:
+        """The host of the ``/metrics`` endpoint."""
+        return self.host if self.metrics_host is None else self.metrics_host
 
     def faults(self) -> Faults:
         """Return the faults to inject, with their own random draws."""
@@ -164,7 +304,7 @@ class ServingStatus:
 
 
 def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
-    """Add the insecure port of ``config`` to ``server``; return the port number.
+    """Add the port of ``config`` to ``server``, over TLS if set; return its number.
 
     Raises:
         ServerStartError: the port is in use or the host is not available.
@@ -172,6 +312,8 @@ def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
     """
     address = format_address(config.host, config.port)
     try:
+        if config.tls is not None:
+            return server.add_secure_port(address, config.tls.grpc_credentials())
         return server.add_insecure_port(address)
     except RuntimeError as error:
         raise ServerStartError(
@@ -182,7 +324,7 @@ def listen(server: grpc.Server | grpc.aio.Server, config: ServerConfig) -> int:
 
 def serve_metrics(
     config: ServerConfig, registry: CollectorRegistry
-) -> WSGIServer | None:
+) -> MetricsServer | None:
     """Serve ``/metrics`` as ``config`` says; None when metrics are off.
 
     Raises:
@@ -191,18 +333,22 @@ def serve_metrics(
     """
     if not config.metrics_port:
         return None
+    context = None
+    if config.metrics_tls and config.tls is not None:
+        context = config.tls.ssl_context()
     try:
-        httpd, _ = start_http_server(config.metrics_port, config.host, registry)
+        return start_metrics_server(
+            registry, config.metrics_address, config.metrics_port, context
+        )
     except OSError as error:
         raise ServerStartError(
             "cannot serve metrics on "
-            f"{format_address(config.host, config.metrics_port)}: "
+            f"{format_address(config.metrics_address, config.metrics_port)}: "
             f"{error.strerror}"
         ) from error
-    return httpd
 
 
-def stop_metrics(httpd: WSGIServer | None) -> None:
+def stop_metrics(httpd: MetricsServer | None) -> None:
     """Stop serving ``/metrics``."""
     if httpd is not None:
         httpd.shutdown()
@@ -214,11 +360,17 @@ def log_listening(config: ServerConfig, port: int, workers: str) -> None:
     log.info(
         "listening address=%s metrics=%s workers=%s",
         format_address(config.host, port),
-        format_address(config.host, config.metrics_port)
+        format_address(config.metrics_address, config.metrics_port)
         if config.metrics_port
         else "off",
         workers,
     )
+    if config.tls is not None:
+        log.info(
+            "tls on client_certificates=%s metrics=%s",
+            "required" if config.tls.client_ca else "none",
+            "https" if config.metrics_tls else "http",
+        )
     if config.inject_latency_ms or config.inject_error_rate:
         log.warning(
             "injecting faults latency_ms=%g error_rate=%g seed=%s",
@@ -252,15 +404,18 @@ class CalculatorServer:
             interceptors=[ServerMetricsInterceptor(self._registry, METHODS)]
             if config.metrics_port
             else [],
-            # Without this, grpcio shares a port that another server already
-            # listens on, and a second server would start without an error.
-            options=[("grpc.so_reuseport", 0)],
+            options=server_options(config),
         )
         health_servicer = health.HealthServicer()
-        add_services(self._server, CalculatorServicer(config.faults()), health_servicer)
+        add_services(
+            self._server,
+            CalculatorServicer(config.faults()),
+            health_servicer,
+            reflection_on=config.reflection,
+        )
         self.serving = ServingStatus(health_servicer, self._registry)
         self.port = config.port
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -329,7 +484,11 @@ def serve(config: ServerConfig) -> None:
             name="calcsvc-parent-watch",
             daemon=True,
         ).start()
-    signalled.wait()
+    # Python runs signal handlers in the main thread only, and a signal that
+    # lands on one of grpcio's threads does not wake a wait without a
+    # timeout: waking up now and then lets the handler run.
+    while not signalled.wait(PARENT_POLL_SECONDS):
+        pass
     server.shutdown()
 
 

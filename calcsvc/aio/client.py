@@ -26,9 +26,13 @@ class CalculatorClient(CalculatorClientBase):
     """
 
     def _connect(self, reset_timeout: float) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.target, channel_options(reset_timeout)
-        )
+        options = channel_options(reset_timeout)
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options
+            )
         self._stub: CalculatorAsyncStub = calculator_pb2_grpc.CalculatorStub(
             self._channel
         )

@@ -35,14 +35,15 @@ from calcsvc.server import (
     log_signal,
     parent_exited,
     serve_metrics,
+    server_options,
     serving_status,
     stop_metrics,
 )
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from prometheus_client import CollectorRegistry
+
+    from calcsvc.instrumentation import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,18 @@ class AioCalculatorServer:
         self._server = grpc.aio.server(
             # With metrics off nobody can read them, so none are recorded.
             interceptors=[interceptor] if config.metrics_port else [],
-            # A second server must not share a port another one listens on.
-            options=[("grpc.so_reuseport", 0)],
+            options=server_options(config),
         )
         health_servicer = health_aio.HealthServicer()
         add_services(
-            self._server, AioCalculatorServicer(config.faults()), health_servicer
+            self._server,
+            AioCalculatorServicer(config.faults()),
+            health_servicer,
+            reflection_on=config.reflection,
         )
         self.serving = AioServingStatus(health_servicer, self._registry)
         self.port = config.port
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._stopping = asyncio.Event()
         self._stop_now: asyncio.Task[None] | None = None
 

@@ -15,6 +15,7 @@ from calcsvc.instrumentation._grpc import (
     serving_gauge,
     split_method,
 )
+from calcsvc.instrumentation._http import MetricsServer, start_metrics_server
 from calcsvc.instrumentation._registry import LATENCY_BUCKETS
 
 __all__ = [
@@ -24,9 +25,11 @@ __all__ = [
     "CallRecorder",
     "ClientCallMetrics",
     "ClientMetricsInterceptor",
+    "MetricsServer",
     "PrometheusListener",
     "ServerMetricsInterceptor",
     "error_label",
     "serving_gauge",
     "split_method",
+    "start_metrics_server",
 ]

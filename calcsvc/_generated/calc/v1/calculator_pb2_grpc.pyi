@@ -16,6 +16,15 @@ value whenever the arithmetic would not give a finite number:
 A result that underflows to zero or to a subnormal number is a valid
 answer. Status messages are short, meant for the caller, and never carry
 server internals.
+
+Before a request reaches an operation:
+
+  * INVALID_ARGUMENT when the request's bytes are not a BinaryRequest (a
+    truncated field, a length past the end). Fields the server does not
+    know are skipped, and a field left out is 0, as proto3 has it.
+  * RESOURCE_EXHAUSTED when the request is larger than the server's limit
+    (64 KiB unless the server is told otherwise; a request is 18 bytes).
+  * UNIMPLEMENTED for a method or service the server does not have.
 """
 
 from calcsvc._generated.calc.v1 import calculator_pb2 as _calculator_pb2
