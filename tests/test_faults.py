@@ -1,0 +1,225 @@
+"""The breaker on every kind of bad day, against real server processes.
+
+Each row of FAULTS is one bad day: the server it starts with, how the fault
+begins (or None: it is there from the start) and how the backend heals. One
+caller (``tests/caller.py``) calls through a real client the whole time, and
+one body checks every row the same way: the breaker opens after ``fail_max``
+failures in a row, no call waits past its deadline (plus a margin), the
+breaker closes within ``reset_timeout`` and one call of the backend healing,
+and the client's metrics move by exactly one call at every call.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+
+from calcsvc import CalculatorClient
+from calcsvc.calculator import Faults
+from tests.caller import Caller, check_metrics, check_outage
+from tests.support import HOST, free_port, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+FAIL_MAX = 2
+TIMEOUT = 0.5
+RESET_TIMEOUT = 0.5
+
+
+class Backend:
+    """The servers behind one port, started, signalled and killed for real."""
+
+    def __init__(self, start_server):
+        self._start_server = start_server
+        self.port = free_port()
+        self.target = f"{HOST}:{self.port}"
+        self.server = None
+
+    def start(self, *flags):
+        self.server = self._start_server(*flags, port=self.port)
+
+    def stop(self):
+        self.server.stop()
+
+    def kill(self):
+        self.server.kill()
+
+    def replace(self, *flags):
+        """Stop the server, and start one with ``flags`` on the same port."""
+        self.stop()
+        self.start(*flags)
+
+    def signal(self, signum):
+        self.server.signal(signum)
+
+
+@pytest.fixture
+def backend(start_server):
+    backend = Backend(start_server)
+    yield backend
+    # A stopped server would hold up the teardown until its SIGTERM times out.
+    if backend.server is not None and backend.server.running:
+        backend.signal(signal.SIGCONT)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One bad day: how it begins, and how the backend heals."""
+
+    name: str
+    flags: tuple[str, ...] | None
+    """The first server's flags; None: nothing listens at first."""
+    begin: Callable[[Backend], None] | None
+    """None: the fault is there from the first call."""
+    heal: Callable[[Backend], None]
+    """Returns once the backend is healthy."""
+    codes: set[str]
+    """The status codes of the calls that trip the breaker."""
+
+
+SLOW = ("--inject-latency-ms", "100")
+
+FAULTS = [
+    Fault(
+        "sigkill-mid-load",
+        SLOW,
+        Backend.kill,
+        lambda backend: backend.start(*SLOW),
+        {"UNAVAILABLE"},
+    ),
+    Fault(
+        "sigstop-then-sigcont",
+        (),
+        lambda backend: backend.signal(signal.SIGSTOP),
+        lambda backend: backend.signal(signal.SIGCONT),
+        {"DEADLINE_EXCEEDED"},
+    ),
+    Fault(
+        "slower-than-the-deadline",
+        ("--inject-latency-ms", str(int(TIMEOUT * 1000 * 4))),
+        None,
+        Backend.replace,
+        {"DEADLINE_EXCEEDED"},
+    ),
+    Fault(
+        "every-call-unavailable",
+        ("--inject-error-rate", "1"),
+        None,
+        Backend.replace,
+        {"UNAVAILABLE"},
+    ),
+    Fault("nothing-listening", None, None, Backend.start, {"UNAVAILABLE"}),
+    Fault(
+        "restart-on-the-same-port", (), Backend.stop, Backend.start, {"UNAVAILABLE"}
+    ),
+]
+
+
+def opened(caller):
+    return any(("closed", "open") in call.transitions for call in list(caller.calls))
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
+def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
+    registry, scrape_client = client_metrics
+    if fault.flags is not None:
+        backend.start(*fault.flags)
+
+    with CalculatorClient(
+        backend.target,
+        fail_max=FAIL_MAX,
+        reset_timeout=RESET_TIMEOUT,
+        timeout=TIMEOUT,
+        registry=registry,
+    ) as client:
+        caller = Caller(client, scrape_client)
+        fault_at = time.monotonic()
+        caller.start()
+        try:
+            if fault.begin is not None:
+                wait_until(lambda: caller.successes_since(fault_at) >= 3)
+                fault_at = time.monotonic()
+                fault.begin(backend)
+            wait_until(lambda: opened(caller))
+            heal_began = time.monotonic()
+            fault.heal(backend)
+            healed_at = time.monotonic()
+            wait_until(lambda: caller.successes_since(healed_at) >= 3)
+        finally:
+            calls = caller.stop()
+
+    check_metrics(caller.before, calls)
+    check_outage(
+        calls,
+        fail_max=FAIL_MAX,
+        timeout=TIMEOUT,
+        reset_timeout=RESET_TIMEOUT,
+        fault_at=fault_at,
+        heal_began=heal_began,
+        healed_at=healed_at,
+        codes=fault.codes,
+    )
+
+
+def predicted(rate, seed, calls, fail_max):
+    """Foresee each call's outcome against a server failing ``rate`` of calls.
+
+    The server draws for each call it receives, in order, from its seeded
+    random numbers; a rejected call never reaches it, so draws nothing. The
+    breaker stays open once it has opened: its reset timeout is longer
+    than the run.
+    """
+    faults = Faults(error_rate=rate, rng=random.Random(seed))
+    outcomes = []
+    in_a_row = 0
+    for _ in range(calls):
+        if in_a_row >= fail_max:
+            outcomes.append("rejected")
+        elif faults.draw():
+            outcomes.append("failure")
+            in_a_row += 1
+        else:
+            outcomes.append("success")
+            in_a_row = 0
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("rate", "fail_max", "trips_after"),
+    [
+        (0.1, 2, None),  # 10% of calls fail, never two in a row
+        (0.2, 3, None),
+        (0.5, 3, 14),  # half of them fail: three in a row come soon
+        (0.5, 5, None),  # the same schedule, fail_max 5: 16 of 40 fail, no trip
+        (1.0, 2, 2),  # every call fails: the breaker trips at fail_max
+    ],
+)
+def test_injected_errors_trip_the_breaker_only_when_fail_max_come_in_a_row(
+    start_server, client_metrics, rate, fail_max, trips_after
+):
+    calls, seed = 40, 5
+    expected = predicted(rate, seed, calls, fail_max)
+    # The table above says where this seed's schedule trips the breaker.
+    rejected = expected.index("rejected") if "rejected" in expected else None
+    assert rejected == trips_after
+
+    server = start_server("--inject-error-rate", str(rate), "--inject-seed", str(seed))
+    registry, scrape_client = client_metrics
+    with CalculatorClient(
+        server.target, fail_max=fail_max, reset_timeout=60, registry=registry
+    ) as client:
+        caller = Caller(client, scrape_client)
+        made = [caller.call(number) for number in range(1, calls + 1)]
+
+    assert [call.outcome for call in made] == expected
+    assert "failure" in expected
+    assert all(call.correct for call in made if call.outcome == "success")
+    check_metrics(caller.before, made)
+    trips = [n + 1 for n, call in enumerate(made) if call.transitions]
+    assert trips == ([] if trips_after is None else [trips_after])
