@@ -160,7 +160,9 @@ MARGIN = 2.0
 
 def expected_after(before: dict[str, float], call: Call) -> dict[str, float]:
     """Return the counted series that ``call`` should leave behind after ``before``."""
-    after = {k: v for k, v in before.items() if not k.startswith("circuit_breaker_state")}
+    after = {
+        k: v for k, v in before.items() if not k.startswith("circuit_breaker_state")
+    }
 
     def count(key: str) -> None:
         after[key] = after.get(key, 0) + 1
@@ -185,7 +187,7 @@ def check_metrics(before: dict[str, float], calls: list[Call]) -> None:
         previous = call.metrics
 
 
-def check_outage(  # noqa: PLR0913 - the bounds of one outage
+def check_outage(
     calls: list[Call],
     *,
     fail_max: int,

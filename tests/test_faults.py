@@ -27,6 +27,8 @@ from tests.support import HOST, free_port, wait_until
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from calcsvc.process import ServerProcess
+
 FAIL_MAX = 2
 TIMEOUT = 0.5
 RESET_TIMEOUT = 0.5
@@ -39,15 +41,17 @@ class Backend:
         self._start_server = start_server
         self.port = free_port()
         self.target = f"{HOST}:{self.port}"
-        self.server = None
+        self.server: ServerProcess | None = None
 
     def start(self, *flags):
         self.server = self._start_server(*flags, port=self.port)
 
     def stop(self):
+        assert self.server is not None
         self.server.stop()
 
     def kill(self):
+        assert self.server is not None
         self.server.kill()
 
     def replace(self, *flags):
@@ -56,6 +60,7 @@ class Backend:
         self.start(*flags)
 
     def signal(self, signum):
+        assert self.server is not None
         self.server.signal(signum)
 
 
@@ -115,9 +120,7 @@ FAULTS = [
         {"UNAVAILABLE"},
     ),
     Fault("nothing-listening", None, None, Backend.start, {"UNAVAILABLE"}),
-    Fault(
-        "restart-on-the-same-port", (), Backend.stop, Backend.start, {"UNAVAILABLE"}
-    ),
+    Fault("restart-on-the-same-port", (), Backend.stop, Backend.start, {"UNAVAILABLE"}),
 ]
 
 

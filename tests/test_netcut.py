@@ -32,11 +32,12 @@ SERVER_ADDRESS = "10.233.0.1"
 CLIENT_ADDRESS = "10.233.0.2"
 PORT = 8080  # each namespace has its own ports
 ROOT = Path(__file__).parent.parent
+IP = shutil.which("ip") or "ip"
 
 
-def ip(*args):
+def ip(*args, check=True):
     return subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=10, check=True
+        [IP, *args], capture_output=True, text=True, timeout=10, check=check
     )
 
 
@@ -85,10 +86,8 @@ def hosts():
     finally:
         # Deleting a namespace deletes the veth end inside it, and its peer.
         for ns in (hosts.server_ns, hosts.client_ns):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
-        subprocess.run(
-            ["ip", "link", "delete", hosts.server_link], capture_output=True, check=False
-        )
+            ip("netns", "delete", ns, check=False)
+        ip("link", "delete", hosts.server_link, check=False)
 
 
 class RemoteCaller:
@@ -127,36 +126,33 @@ class RemoteCaller:
 
 def in_namespace(ns, *command, **options):
     return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, *command], cwd=ROOT, **options
+        [IP, "netns", "exec", ns, sys.executable, *command], cwd=ROOT, **options
     )
 
 
 def test_the_breaker_rides_out_a_network_cut(hosts, tmp_path):
+    serve = [
+        *("-m", "calcsvc", "serve", "--host", SERVER_ADDRESS, "--port", str(PORT)),
+        *("--metrics-port", "0", "--grace", "1", "--parent-pid", str(os.getpid())),
+    ]
+    call = [
+        *("-m", "tests.caller", f"{SERVER_ADDRESS}:{PORT}", "--timeout", str(TIMEOUT)),
+        *("--fail-max", str(FAIL_MAX), "--reset-timeout", str(RESET_TIMEOUT)),
+    ]
     with (tmp_path / "server.log").open("wb") as log:
         server = in_namespace(
-            hosts.server_ns,
-            "-m", "calcsvc", "serve",
-            "--host", SERVER_ADDRESS,
-            "--port", str(PORT),
-            "--metrics-port", "0",
-            "--grace", "1",
-            "--parent-pid", str(os.getpid()),
-            stdin=subprocess.DEVNULL,
-            stderr=log,
-        )  # fmt: skip
+            hosts.server_ns, *serve, stdin=subprocess.DEVNULL, stderr=log
+        )
     caller = None
     try:
         caller = RemoteCaller(
             in_namespace(
                 hosts.client_ns,
-                "-m", "tests.caller", f"{SERVER_ADDRESS}:{PORT}",
-                "--timeout", str(TIMEOUT),
-                "--fail-max", str(FAIL_MAX),
-                "--reset-timeout", str(RESET_TIMEOUT),
+                *call,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
         )
         # The server has started once calls succeed.
         wait_until(lambda: caller.successes_since(0) >= 3, timeout=30)

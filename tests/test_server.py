@@ -6,7 +6,6 @@ Every test runs against the threaded server and the grpc.aio one.
 from __future__ import annotations
 
 import math
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.calculator import SERVICE_NAME
-from tests.support import HOST, alive, free_port, run_calcsvc, scrape, wait_until
+from tests.support import (
+    HOST,
+    alive,
+    free_port,
+    logged_events,
+    run_calcsvc,
+    scrape,
+    wait_until,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -261,14 +268,6 @@ def test_a_metrics_port_in_use_is_a_clear_error(shared_server, server_flags):
         result.stderr
     )
     assert "Traceback" not in result.stderr
-
-
-def logged_events(path):
-    """The messages of a server's log, without times, levels and loggers."""
-    return [
-        re.sub(r"^\S+ \S+ \w+ [\w.]+: ", "", line)
-        for line in path.read_text().splitlines()
-    ]
 
 
 def test_each_lifecycle_event_is_logged_once(
