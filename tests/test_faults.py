@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from calcsvc import CalculatorClient
 from calcsvc.calculator import Faults
 from tests.caller import Caller, check_metrics, check_outage
+from tests.load import Load
 from tests.support import HOST, free_port, wait_until
 
 if TYPE_CHECKING:
@@ -55,8 +57,8 @@ class Backend:
         self.server.kill()
 
     def replace(self, *flags):
-        """Stop the server, and start one with ``flags`` on the same port."""
-        self.stop()
+        """Kill the server, and start one with ``flags`` on the same port."""
+        self.kill()
         self.start(*flags)
 
     def signal(self, signum):
@@ -86,6 +88,8 @@ class Fault:
     """Returns once the backend is healthy."""
     codes: set[str]
     """The status codes of the calls that trip the breaker."""
+    others_calling: bool = False
+    """Whether other clients call the same server all along."""
 
 
 SLOW = ("--inject-latency-ms", "100")
@@ -97,6 +101,7 @@ FAULTS = [
         Backend.kill,
         lambda backend: backend.start(*SLOW),
         {"UNAVAILABLE"},
+        others_calling=True,
     ),
     Fault(
         "sigstop-then-sigcont",
@@ -107,7 +112,7 @@ FAULTS = [
     ),
     Fault(
         "slower-than-the-deadline",
-        ("--inject-latency-ms", str(int(TIMEOUT * 1000 * 4))),
+        ("--inject-latency-ms", str(int(TIMEOUT * 1000 * 2))),
         None,
         Backend.replace,
         {"DEADLINE_EXCEEDED"},
@@ -142,8 +147,12 @@ def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
         registry=registry,
     ) as client:
         caller = Caller(client, scrape_client)
+        # Other clients, with breakers and metrics of their own.
+        others = Load(backend.target, CollectorRegistry(), clients=8, rate=20)
         fault_at = time.monotonic()
         caller.start()
+        if fault.others_calling:
+            others.start()
         try:
             if fault.begin is not None:
                 wait_until(lambda: caller.successes_since(fault_at) >= 3)
@@ -156,6 +165,7 @@ def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
             wait_until(lambda: caller.successes_since(healed_at) >= 3)
         finally:
             calls = caller.stop()
+            outcomes = others.stop()
 
     check_metrics(caller.before, calls)
     check_outage(
@@ -168,6 +178,10 @@ def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
         healed_at=healed_at,
         codes=fault.codes,
     )
+    if fault.others_calling:
+        assert not others.wrong
+        assert outcomes["success"] > 0
+        assert outcomes["failure"] > 0
 
 
 def predicted(rate, seed, calls, fail_max):
