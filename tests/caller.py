@@ -76,6 +76,16 @@ class Call:
     """The client's counted series, scraped once the call had ended."""
 
 
+def successes_since(calls: list[Call], moment: float) -> int:
+    """Count the successful calls that started at ``moment`` or later."""
+    return sum(1 for c in list(calls) if c.start >= moment and c.outcome == "success")
+
+
+def opened(calls: list[Call]) -> bool:
+    """Return whether the breaker has opened during any of ``calls``."""
+    return any(("closed", "open") in call.transitions for call in list(calls))
+
+
 class Transitions(pybreaker.CircuitBreakerListener):
     """Writes down the breaker's state changes."""
 
@@ -106,15 +116,10 @@ class Caller:
     def stop(self) -> list[Call]:
         """Stop calling, and return every call made."""
         self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive()
+        if self._thread.ident is not None:  # it was started
+            self._thread.join(timeout=30)
+            assert not self._thread.is_alive()
         return self.calls
-
-    def successes_since(self, moment: float) -> int:
-        """Count the successful calls that started at ``moment`` or later."""
-        return sum(
-            1 for c in list(self.calls) if c.start >= moment and c.outcome == "success"
-        )
 
     def run(self, report=None) -> None:
         """Call until stopped; hand each call to ``report`` as well, if given."""
@@ -266,7 +271,7 @@ def main() -> None:
 
 def _stop_at_eof(caller: Caller) -> None:
     sys.stdin.read()
-    caller._stop.set()
+    caller.stop()
 
 
 if __name__ == "__main__":

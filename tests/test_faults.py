@@ -22,7 +22,13 @@ from prometheus_client import CollectorRegistry
 
 from calcsvc import CalculatorClient
 from calcsvc.calculator import Faults
-from tests.caller import Caller, check_metrics, check_outage
+from tests.caller import (
+    Caller,
+    check_metrics,
+    check_outage,
+    opened,
+    successes_since,
+)
 from tests.load import Load
 from tests.support import HOST, free_port, wait_until
 
@@ -129,10 +135,6 @@ FAULTS = [
 ]
 
 
-def opened(caller):
-    return any(("closed", "open") in call.transitions for call in list(caller.calls))
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
 def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
     registry, scrape_client = client_metrics
@@ -155,14 +157,14 @@ def test_the_breaker_rides_out_the_fault(fault, backend, client_metrics):
             others.start()
         try:
             if fault.begin is not None:
-                wait_until(lambda: caller.successes_since(fault_at) >= 3)
+                wait_until(lambda: successes_since(caller.calls, fault_at) >= 3)
                 fault_at = time.monotonic()
                 fault.begin(backend)
-            wait_until(lambda: opened(caller))
+            wait_until(lambda: opened(caller.calls))
             heal_began = time.monotonic()
             fault.heal(backend)
             healed_at = time.monotonic()
-            wait_until(lambda: caller.successes_since(healed_at) >= 3)
+            wait_until(lambda: successes_since(caller.calls, healed_at) >= 3)
         finally:
             calls = caller.stop()
             outcomes = others.stop()

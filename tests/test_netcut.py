@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.caller import Call, check_metrics, check_outage
+from tests.caller import Call, check_metrics, check_outage, opened, successes_since
 from tests.support import wait_until
 
 FAIL_MAX = 2
@@ -109,14 +109,6 @@ class RemoteCaller:
             record["transitions"] = [tuple(t) for t in record["transitions"]]
             self.calls.append(Call(**record))
 
-    def successes_since(self, moment):
-        return sum(
-            1 for c in list(self.calls) if c.start >= moment and c.outcome == "success"
-        )
-
-    def opened(self):
-        return any(("closed", "open") in c.transitions for c in list(self.calls))
-
     def stop(self):
         self.process.stdin.close()
         assert self.process.wait(timeout=30) == 0
@@ -155,14 +147,14 @@ def test_the_breaker_rides_out_a_network_cut(hosts, tmp_path):
             )
         )
         # The server has started once calls succeed.
-        wait_until(lambda: caller.successes_since(0) >= 3, timeout=30)
+        wait_until(lambda: successes_since(caller.calls, 0) >= 3, timeout=30)
         fault_at = time.monotonic()
         ip("-n", hosts.server_ns, "link", "set", hosts.server_link, "down")
-        wait_until(caller.opened)
+        wait_until(lambda: opened(caller.calls))
         heal_began = time.monotonic()
         ip("-n", hosts.server_ns, "link", "set", hosts.server_link, "up")
         healed_at = time.monotonic()
-        wait_until(lambda: caller.successes_since(healed_at) >= 3)
+        wait_until(lambda: successes_since(caller.calls, healed_at) >= 3)
         calls = caller.stop()
     finally:
         if caller is not None and caller.process.poll() is None:
