@@ -240,21 +240,23 @@ def log_drained(config: ServerConfig, registry: CollectorRegistry) -> None:
     """Log how many Calculator calls the server received, and how many it answered.
 
     The counts come from the call metrics, so nothing is logged when they are
-    off. A call received but not answered was cut off when ``grace`` ran out.
+    off. A call received but not answered was cut off: cancelled by its
+    client, or still running when ``grace`` ran out.
     """
     if not config.metrics_port:
         return
-    totals = {"grpc_server_started": 0.0, "grpc_server_handled": 0.0}
+    received = answered = 0.0
     for family in registry.collect():
-        if family.name in totals:
-            totals[family.name] += sum(
-                sample.value
-                for sample in family.samples
-                if sample.name.endswith("_total")
-                and sample.labels.get("grpc_service") == SERVICE_NAME
-            )
-    received = int(totals["grpc_server_started"])
-    answered = int(totals["grpc_server_handled"])
+        for sample in family.samples:
+            if sample.labels.get("grpc_service") != SERVICE_NAME:
+                continue
+            if sample.name == "grpc_server_started_total":
+                received += sample.value
+            elif (
+                sample.name == "grpc_server_handled_total"
+                and sample.labels.get("grpc_code") != grpc.StatusCode.CANCELLED.name
+            ):
+                answered += sample.value
     log.log(
         logging.WARNING if answered < received else logging.INFO,
         "drained calls_received=%d calls_answered=%d calls_cut_off=%d",
