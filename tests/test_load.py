@@ -1,7 +1,7 @@
 """Many clients under steady load: a bounded run in every test run, and a soak.
 
 The bounded run keeps 32 clients calling a real server for
-``CALCSVC_LOAD_SECONDS`` (30 s): no call may fail while the server is
+``CALCSVC_LOAD_SECONDS`` (20 s): no call may fail while the server is
 healthy, every answer must be right, and the client's metrics and the
 server's must each count every call once. It is shorter than the soak
 because it runs beside the rest of the suite on two cores; what a longer run
@@ -64,7 +64,7 @@ def test_steady_load_has_no_errors_and_the_counters_add_up(
     start_server, client_metrics
 ):
     server = start_server()
-    run_load(server, client_metrics, seconds("CALCSVC_LOAD_SECONDS", 30))
+    run_load(server, client_metrics, seconds("CALCSVC_LOAD_SECONDS", 20))
 
 
 @pytest.mark.soak
