@@ -81,7 +81,10 @@ def hosts():
     except subprocess.CalledProcessError as error:
         pytest.skip(f"cannot create a network namespace: {error.stderr.strip()}")
     try:
-        build_hosts(hosts)
+        try:
+            build_hosts(hosts)
+        except subprocess.CalledProcessError as error:
+            pytest.skip(f"cannot join two namespaces: {error.stderr.strip()}")
         yield hosts
     finally:
         # Deleting a namespace deletes the veth end inside it, and its peer.
