@@ -117,20 +117,23 @@ class Load:
                     self.wrong.append((name, a, b, value))
 
 
-def check_counters(outcomes: Counter[str], client: Metrics, server: Metrics) -> None:
-    """Check that every call succeeded, and both sides counted each one once."""
+def check_counters(
+    outcomes: Counter[str], client: Metrics, server: Metrics, clients: int
+) -> None:
+    """Check that every call of ``clients`` clients succeeded, counted once a side."""
     calls = outcomes["success"]
-    assert calls > 0
     assert outcomes == Counter(success=calls)
+    breakers = client.label_values("circuit_breaker_calls_total", "breaker")
+    assert len(breakers) == clients
+    for breaker in breakers:  # every client called
+        assert client.value("circuit_breaker_calls_total", breaker=breaker) > 0
     for outcome in ("failure", "ignored", "rejected"):
         assert client.value("circuit_breaker_calls_total", outcome=outcome) == 0
     assert client.value("circuit_breaker_calls_total", outcome="success") == calls
     assert client.value("grpc_client_started_total") == calls
     assert client.value("grpc_client_handled_total", grpc_code="OK") == calls
     assert client.value("grpc_client_handled_total") == calls
-    assert client.value("circuit_breaker_state", state="closed") == len(
-        client.label_values("circuit_breaker_state", "breaker")
-    )
+    assert client.value("circuit_breaker_state", state="closed") == clients
     calculator = {"grpc_service": SERVICE_NAME}
     assert server.value("grpc_server_started_total", **calculator) == calls
     assert server.value("grpc_server_handled_total", **calculator) == calls

@@ -11,7 +11,7 @@ The soak (``make soak``, marker ``soak``, left out of the default run)
 keeps the same load up for ``CALCSVC_SOAK_SECONDS`` (600 s), samples the
 threads, open file descriptors and resident memory of the server and of the
 client (this process) from ``/proc``, and checks that none of them grows
-past a small bound after the warm-up.
+past a small bound after the warm-up (a tenth of the run, at least 30 s).
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ def run_load(server, client_metrics, duration, sample=None):
     finally:
         outcomes = load.stop()
     assert not load.wrong
-    check_counters(outcomes, scrape_client(), scrape(server.metrics_port))
-    # The clients kept their pace, give or take a busy machine.
-    assert outcomes["success"] >= CLIENTS * RATE * duration / 4
+    check_counters(outcomes, scrape_client(), scrape(server.metrics_port), CLIENTS)
     return outcomes
 
 
@@ -71,7 +69,8 @@ def test_steady_load_has_no_errors_and_the_counters_add_up(
 @pytest.mark.timeout(seconds("CALCSVC_SOAK_SECONDS", 600) + 120)
 def test_soak_holds_threads_files_and_memory_flat(start_server, client_metrics):
     duration = seconds("CALCSVC_SOAK_SECONDS", 600)
-    warm_up = duration / 10
+    # Long enough for the server's pool of worker threads to fill up.
+    warm_up = min(max(duration / 10, 30), duration / 2)
     every = max(1.0, duration / 60)
     server = start_server()
     pids = {"server": server.pid, "client": os.getpid()}
