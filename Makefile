@@ -1,5 +1,6 @@
 # calcsvc: `make demo` runs the outage demo, `make test` runs every check,
-# `make bench` measures what the breaker and the metrics cost. Each sets up
+# `make bench` measures what the breaker and the metrics cost, `make soak`
+# holds a server and its clients under load for ten minutes. Each sets up
 # everything it needs first, on a machine with Python 3.11+.
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest bench protos prometheus clean
+.PHONY: setup demo test lint typecheck pytest soak bench protos prometheus clean
 
 setup: $(INSTALLED) prometheus
 
@@ -36,6 +37,10 @@ typecheck: setup
 
 pytest: setup
 	$(BIN)/pytest
+
+# Ten minutes of load; CALCSVC_SOAK_SECONDS=60 make soak for a quick look.
+soak: $(INSTALLED)
+	$(BIN)/pytest -m soak -n 0 -s tests/test_load.py
 
 # Prints the table and rewrites docs/benchmarks.md; takes a few minutes.
 bench: $(INSTALLED)

@@ -4,7 +4,8 @@ One process serves gRPC on one port (the Calculator, the standard health
 service and server reflection) and Prometheus metrics over HTTP on another.
 On SIGTERM or SIGINT it drains: health turns NOT_SERVING first, calls in
 flight get ``grace`` seconds to finish, new calls are refused with
-UNAVAILABLE, and the process exits 0. A second signal stops it at once.
+UNAVAILABLE, the Calculator calls received and answered are logged, and the
+process exits 0. A second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -387,6 +388,36 @@ def log_shutting_down(config: ServerConfig) -> None:
     )
 
 
+def log_drained(config: ServerConfig, registry: CollectorRegistry) -> None:
+    """Log how many Calculator calls the server received, and how many it answered.
+
+    The counts come from the call metrics, so nothing is logged when they are
+    off. A call received but not answered was cut off: cancelled by its
+    client, or still running when ``grace`` ran out.
+    """
+    if not config.metrics_port:
+        return
+    received = answered = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.labels.get("grpc_service") != SERVICE_NAME:
+                continue
+            if sample.name == "grpc_server_started_total":
+                received += sample.value
+            elif (
+                sample.name == "grpc_server_handled_total"
+                and sample.labels.get("grpc_code") != grpc.StatusCode.CANCELLED.name
+            ):
+                answered += sample.value
+    log.log(
+        logging.WARNING if answered < received else logging.INFO,
+        "drained calls_received=%d calls_answered=%d calls_cut_off=%d",
+        received,
+        answered,
+        received - answered,
+    )
+
+
 class CalculatorServer:
     """A running calcsvc server, which :meth:`shutdown` drains and stops."""
 
@@ -448,6 +479,7 @@ class CalculatorServer:
         if config.drain_delay:
             self._stopping.wait(config.drain_delay)
         self._server.stop(config.grace).wait()
+        log_drained(config, self._registry)
         stop_metrics(self._metrics_server)
         log.info("stopped")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from calcsvc import aio
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 HOST = "127.0.0.1"
 
@@ -85,6 +87,14 @@ def scrape(port: int) -> Metrics:
     url = f"http://{HOST}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return Metrics(response.read().decode())
+
+
+def logged_events(path: Path) -> list[str]:
+    """The messages of a server's log, without times, levels and loggers."""
+    return [
+        re.sub(r"^\S+ \S+ \w+ [\w.]+: ", "", line)
+        for line in path.read_text().splitlines()
+    ]
 
 
 def run_calcsvc(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

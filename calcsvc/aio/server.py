@@ -30,6 +30,7 @@ from calcsvc.server import (
     StatusMirror,
     add_services,
     listen,
+    log_drained,
     log_listening,
     log_shutting_down,
     log_signal,
@@ -134,6 +135,7 @@ class AioCalculatorServer:
         await self._server.stop(None if self._stopping.is_set() else config.grace)
         if self._stop_now is not None:
             await self._stop_now
+        log_drained(config, self._registry)
         # Stopping the metrics server waits for its thread; the loop need not.
         await asyncio.to_thread(stop_metrics, self._metrics_server)
         log.info("stopped")

@@ -279,6 +279,11 @@ def _instrument_aio(handler: _Handler, series: _MethodSeries) -> _Handler:
             response = behavior(request, context)
             if inspect.isawaitable(response):
                 response = await response
+        except asyncio.CancelledError:
+            # The call ended before its handler did: its client went away, or
+            # a draining server's grace ran out.
+            recorder.done(grpc.StatusCode.CANCELLED.name)
+            raise
         except BaseException:
             recorder.done(_code_name(_status(context), grpc.StatusCode.UNKNOWN))
             raise
