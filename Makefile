@@ -14,7 +14,7 @@ setup: $(INSTALLED) prometheus
 
 # The monitoring tests run a real Prometheus and its promtool.
 prometheus:
-	@monitoring/install-prometheus.sh
+	@tests/install-debian-package.sh prometheus prometheus promtool
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "calcsvc needs Python 3.11 or newer: run make PYTHON=python3.11")'

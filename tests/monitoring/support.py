@@ -37,7 +37,7 @@ def find_program(name: str) -> str:
     if path is None:
         pytest.fail(
             f"{name} is not on PATH; `make setup` installs it with Debian's "
-            "prometheus package (monitoring/install-prometheus.sh)",
+            "prometheus package (tests/install-debian-package.sh)",
         )
     return path
 
