@@ -8,13 +8,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest soak bench protos prometheus clean
+.PHONY: setup demo test lint typecheck pytest soak bench protos prometheus redis clean
 
-setup: $(INSTALLED) prometheus
+setup: $(INSTALLED) prometheus redis
 
 # The monitoring tests run a real Prometheus and its promtool.
 prometheus:
 	@tests/install-debian-package.sh prometheus prometheus promtool
+
+# The fleet tests run a real Redis, which holds a breaker shared by processes.
+redis:
+	@tests/install-debian-package.sh redis-server redis-server
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "calcsvc needs Python 3.11 or newer: run make PYTHON=python3.11")'

@@ -19,9 +19,11 @@ from typing import (
     Literal,
     NamedTuple,
     ParamSpec,
+    Protocol,
     TypeAlias,
     TypeVar,
     cast,
+    runtime_checkable,
 )
 
 import pybreaker
@@ -80,6 +82,24 @@ class LoggingListener(pybreaker.CircuitBreakerListener):
         )
 
 
+@runtime_checkable
+class SharedTrials(Protocol):
+    """A storage that counts trial calls for every breaker that shares it.
+
+    :class:`calcsvc.storage.RedisStorage` is one: with it, a fleet of
+    processes makes ``half_open_max_calls`` trial calls in all.
+    """
+
+    def claim_trial(self, limit: int, ttl: float) -> str | None:
+        """Claim one of ``limit`` trial calls, for at most ``ttl`` seconds.
+
+        Returns the claim, or None when ``limit`` trial calls are in flight.
+        """
+
+    def release_trial(self, claim: str) -> None:
+        """Give back a claim: its trial call has ended."""
+
+
 class Admission(NamedTuple):
     """A breaker's leave for one call to go ahead, from :meth:`Breaker.admit`."""
 
@@ -87,6 +107,8 @@ class Admission(NamedTuple):
     """The state the call was admitted in. Every transition makes a new one."""
     trial: bool
     """Whether the call is a trial call of a half-open breaker."""
+    claim: str | None = None
+    """The trial call's claim on a :class:`SharedTrials` storage, if any."""
 
 
 class Breaker(pybreaker.CircuitBreaker):
@@ -126,7 +148,13 @@ class Breaker(pybreaker.CircuitBreaker):
     Listeners are called inside the two decisions, as pybreaker calls them
     inside its lock, so every listener sees the events in the order they
     happened: keep them quick. ``half_open_max_calls`` is counted by this
-    breaker object, also when its storage is shared with other breakers.
+    breaker object and, when its storage is :class:`SharedTrials`, also by
+    the storage for every breaker that shares it.
+
+    With a storage shared by many processes, a breaker learns of a state
+    another process set when it next reads the state. Its listeners hear of
+    that change as of any other, but unlike pybreaker's breaker it leaves the
+    shared counters alone: they already count what the fleet did since.
 
     Two more differences from pybreaker: :meth:`call_async` awaits a
     coroutine function on asyncio (pybreaker's awaits Tornado), and an
@@ -170,6 +198,41 @@ class Breaker(pybreaker.CircuitBreaker):
         # datetime on every rejected call would cost more than the rest of
         # the rejection.
         self._reopen: tuple[object, float, float] = (None, 0.0, 0.0)
+        self._shared_trials = (
+            state_storage if isinstance(state_storage, SharedTrials) else None
+        )
+
+    @property
+    def state(
+        self,
+    ) -> (
+        pybreaker.CircuitClosedState
+        | pybreaker.CircuitHalfOpenState
+        | pybreaker.CircuitOpenState
+    ):
+        """Return the current state, as the storage has it.
+
+        A change the storage shows but this breaker did not make (another
+        process made it) is taken on without resetting any counter, and
+        told to the listeners.
+        """
+        current = self.current_state
+        held = self._state
+        if current != held.name:
+            with self._lock:
+                if self._state is held:
+                    self._state = self._create_new_state(current, prev_state=held)
+                    for listener in self._listeners:
+                        listener.state_change(self, held, self._state)
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        """Move to ``state``, as pybreaker does: this breaker made the change."""
+        with self._lock:
+            self._state = self._create_new_state(
+                state, prev_state=self._state, notify=True
+            )
 
     @property
     def half_open_max_calls(self) -> int:
@@ -211,6 +274,7 @@ class Breaker(pybreaker.CircuitBreaker):
                 state = self._state
 
             trial = state.name == pybreaker.STATE_HALF_OPEN
+            claim = None
             if trial:
                 if self._trial_state is not state:
                     self._trial_state, self._trials = state, 0
@@ -218,12 +282,20 @@ class Breaker(pybreaker.CircuitBreaker):
                     raise BreakerOpenError(
                         breaker_label(self), pybreaker.STATE_HALF_OPEN
                     )
+                if self._shared_trials is not None:
+                    claim = self._shared_trials.claim_trial(
+                        self._half_open_max_calls, self._reset_timeout
+                    )
+                    if claim is None:
+                        raise BreakerOpenError(
+                            breaker_label(self), pybreaker.STATE_HALF_OPEN
+                        )
 
             for listener in self._listeners:
                 listener.before_call(self, func, *args, **kwargs)
             if trial:
                 self._trials += 1
-            return Admission(state, trial)
+            return Admission(state, trial, claim)
 
     def record(self, admission: Admission, error: BaseException | None = None) -> None:
         """Record the end of an admitted call: it returned, or it raised ``error``.
@@ -237,25 +309,34 @@ class Breaker(pybreaker.CircuitBreaker):
 
         """
         with self._lock:
-            if admission.trial and admission.state is self._trial_state:
-                self._trials -= 1
+            try:
+                self._record(admission, error)
+            finally:
+                # Given back only now: until the result has opened or closed
+                # the breaker, no other process may start a trial call.
+                if admission.claim is not None and self._shared_trials is not None:
+                    self._shared_trials.release_trial(admission.claim)
 
-            failed = error is not None and self.is_system_error(error)
-            state = self.state
-            if state is not admission.state:
-                # A late result: heard by the listeners, but it decides nothing.
-                for listener in self._listeners:
-                    if failed and error is not None:
-                        listener.failure(self, error)
-                    else:
-                        listener.success(self)
-                return
+    def _record(self, admission: Admission, error: BaseException | None) -> None:
+        if admission.trial and admission.state is self._trial_state:
+            self._trials -= 1
 
-            if failed and error is not None:
-                self._count_failure(state, error)
-            else:
-                # pybreaker counts an excluded error as a success, too.
-                self._count_success(state)
+        failed = error is not None and self.is_system_error(error)
+        state = self.state
+        if state is not admission.state:
+            # A late result: heard by the listeners, but it decides nothing.
+            for listener in self._listeners:
+                if failed and error is not None:
+                    listener.failure(self, error)
+                else:
+                    listener.success(self)
+            return
+
+        if failed and error is not None:
+            self._count_failure(state, error)
+        else:
+            # pybreaker counts an excluded error as a success, too.
+            self._count_success(state)
 
     def call(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``func(*args, **kwargs)`` if the breaker lets it through.
@@ -343,20 +424,22 @@ class Breaker(pybreaker.CircuitBreaker):
             generator.throw(error)
 
 
-def create_breaker(
+def create_breaker(  # noqa: PLR0913 - the client's breaker options
     name: str,
     *,
     fail_max: int = 2,
     reset_timeout: float = 2.0,
     half_open_max_calls: int = 1,
     listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
+    state_storage: pybreaker.CircuitBreakerStorage | None = None,
 ) -> Breaker:
     """Build the breaker a calcsvc client uses.
 
     It counts only the errors that say the backend is unwell: a
     :class:`~calcsvc.errors.CallerError` passes through uncounted. The call
     that trips the breaker raises its own error, not pybreaker's, so the
-    caller learns why it failed; the calls after it are rejected.
+    caller learns why it failed; the calls after it are rejected. Its state
+    lives in ``state_storage`` (default: this process's memory).
     """
     if fail_max < 1:
         raise ValueError("fail_max must be at least 1")
@@ -368,6 +451,7 @@ def create_breaker(
         exclude=[CallerError],
         listeners=[LoggingListener(), *listeners],
         name=name,
+        state_storage=state_storage,
         throw_new_error_on_trip=False,
         half_open_max_calls=half_open_max_calls,
     )

@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from calcsvc import __version__
 from calcsvc.aio.server import serve as serve_aio
-from calcsvc.client import CalculatorClient
+from calcsvc.client import CalculatorClient, is_redis_url
 from calcsvc.demo import DemoConfig
 from calcsvc.demo import run as run_demo
 from calcsvc.errors import BreakerOpenError, CallError
@@ -91,6 +91,12 @@ _non_negative = _argument(
     float, "a number", lambda x: 0 <= x < math.inf, "must be a finite number, 0 or more"
 )
 _rate = _argument(float, "a number", lambda x: 0 <= x <= 1, "must be between 0 and 1")
+_storage_url = _argument(
+    str,
+    "a Redis URL",
+    is_redis_url,
+    "must be a Redis URL: redis://HOST:PORT/DB, rediss://... or unix://PATH",
+)
 
 
 def _readable_file(text: str) -> Path:
@@ -213,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer this fraction of calculator calls with UNAVAILABLE (default: off)",
     )
 
+    # Every command that runs a client.
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument(
+        "--breaker-storage",
+        type=_storage_url,
+        metavar="URL",
+        help="keep the breaker's state in Redis at URL (redis://HOST:PORT/DB), "
+        "shared by every client with the same breaker name (default: in memory)",
+    )
+
     parser = argparse.ArgumentParser(
         prog="calcsvc",
         description="A gRPC calculator, and a client that stops calling it "
@@ -303,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (method, symbol) in OPERATIONS.items():
         op_parser = commands.add_parser(
             command,
-            parents=[common, client_options],
+            parents=[common, client_options, storage],
             help=f"print A {symbol} B, computed by the server",
         )
         op_parser.add_argument("a", metavar="A", type=_operand)
@@ -332,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser(
         "demo",
-        parents=[common, faults],
+        parents=[common, faults, storage],
         help="replay an outage and recovery against a real server",
     )
     demo_parser.add_argument(
@@ -484,9 +500,17 @@ def _calculate(args: argparse.Namespace) -> int:
                 f"cannot serve metrics on port {args.metrics_port}: {error.strerror}"
             )
             return 1
-    with CalculatorClient(
-        args.target, timeout=args.timeout, credentials=_credentials(args)
-    ) as client:
+    try:
+        client = CalculatorClient(
+            args.target,
+            timeout=args.timeout,
+            credentials=_credentials(args),
+            breaker_storage=args.breaker_storage,
+        )
+    except ImportError as error:
+        _error(str(error))
+        return 1
+    with client:
         try:
             result = getattr(client, args.method)(args.a, args.b)
         except (CallError, BreakerOpenError) as error:
@@ -547,6 +571,7 @@ def _demo(args: argparse.Namespace) -> int:
             inject_latency_ms=args.inject_latency_ms,
             inject_error_rate=args.inject_error_rate,
             report=args.report,
+            breaker_storage=args.breaker_storage,
         )
     )
 

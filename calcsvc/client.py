@@ -8,6 +8,7 @@ how a request is checked and built.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Self
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -15,11 +16,16 @@ from calcsvc._generated.calc.v1 import calculator_pb2, calculator_pb2_grpc
 from calcsvc.breaker import Breaker, Guard, create_breaker
 from calcsvc.calculator import METHODS, OPERATIONS, SERVICE_NAME
 from calcsvc.errors import from_rpc_error
-from calcsvc.instrumentation import ClientCallMetrics, PrometheusListener
+from calcsvc.instrumentation import (
+    ClientCallMetrics,
+    FailingStorage,
+    PrometheusListener,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    import pybreaker
     from prometheus_client import CollectorRegistry
 
     from calcsvc._generated.calc.v1.calculator_pb2_grpc import CalculatorStub
@@ -76,6 +82,44 @@ def channel_options(reset_timeout: float) -> list[tuple[str, int]]:
     ]
 
 
+# The URLs ``breaker_storage`` takes, as redis-py reads them.
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_url(text: str) -> bool:
+    """Whether ``text`` names a Redis server, such as ``redis://host:6379/0``."""
+    if not text.startswith(REDIS_URL_SCHEMES):
+        return False
+    try:
+        urlsplit(text).port  # noqa: B018 - reading it checks the port
+    except ValueError:
+        return False
+    return True
+
+
+def _storage(
+    storage: str | pybreaker.CircuitBreakerStorage | None, name: str
+) -> pybreaker.CircuitBreakerStorage | None:
+    """Return the storage for breaker ``name``; open a Redis URL as one.
+
+    Raises:
+        ImportError: the redis package is not installed.
+        ValueError: ``storage`` is a string but not a Redis URL.
+
+    """
+    if not isinstance(storage, str):
+        return storage
+    try:
+        # Imported only here: Redis is an optional dependency.
+        from calcsvc.storage import RedisStorage  # noqa: PLC0415
+    except ImportError:
+        raise ImportError(
+            "a Redis breaker storage needs the redis package: "
+            "pip install 'calcsvc[redis]'"
+        ) from None
+    return RedisStorage.from_url(storage, name)
+
+
 class CalculatorClientBase:
     """Settings, breaker, metrics and requests of a Calculator client.
 
@@ -103,6 +147,14 @@ class CalculatorClientBase:
     without them it is plain text. A server that refuses the client's
     certificate, or whose own certificate the client does not trust, fails
     every call with UNAVAILABLE, as a server that is down does.
+
+    ``breaker_storage`` is where the breaker keeps its state: this process's
+    memory (the default), a Redis URL such as ``redis://host:6379/0``, which
+    every client process with the same ``name`` shares (see
+    :mod:`calcsvc.storage`; needs ``pip install 'calcsvc[redis]'``), or a
+    pybreaker storage object. Failed commands to a
+    :class:`~calcsvc.storage.RedisStorage` are counted in
+    ``circuit_breaker_storage_errors_total``.
     """
 
     def __init__(  # noqa: PLR0913 - the client's documented options
@@ -116,6 +168,7 @@ class CalculatorClientBase:
         registry: CollectorRegistry | None = None,
         name: str = "calculator",
         credentials: grpc.ChannelCredentials | None = None,
+        breaker_storage: str | pybreaker.CircuitBreakerStorage | None = None,
     ) -> None:
         """Create a client of the server at ``target`` (``host:port``)."""
         if timeout <= 0:
@@ -125,21 +178,33 @@ class CalculatorClientBase:
         self._credentials = credentials
 
         listener = PrometheusListener(registry)
+        storage = _storage(breaker_storage, name)
+        if isinstance(storage, FailingStorage):
+            listener.watch_storage(storage)
         self.breaker: Breaker = create_breaker(
             name,
             fail_max=fail_max,
             reset_timeout=reset_timeout,
             half_open_max_calls=half_open_max_calls,
+            state_storage=storage,
         )
         listener.watch(self.breaker)
         self._guard = Guard(self.breaker, hooks=[listener.record_call])
         self._calls = ClientCallMetrics(registry, METHODS)
         self._closed = False
+        # A storage the client opened from a URL is the client's to close.
+        self._own_storage = storage if isinstance(breaker_storage, str) else None
         self._connect(reset_timeout)
 
     def _connect(self, reset_timeout: float) -> None:
         """Open the channel."""
         raise NotImplementedError
+
+    def _close_storage(self) -> None:
+        """Close the connections of a breaker storage this client opened."""
+        close = getattr(self._own_storage, "close", None)
+        if close is not None:
+            close()
 
     def _request(self, a: float, b: float) -> calculator_pb2.BinaryRequest:
         """Build the request for ``a`` and ``b``, before the breaker is asked.
@@ -196,6 +261,7 @@ class CalculatorClient(CalculatorClientBase):
         """Close the channel; calls in flight are cancelled."""
         self._closed = True
         self._channel.close()
+        self._close_storage()
 
     def __enter__(self) -> Self:
         """Return the client itself."""

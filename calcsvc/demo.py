@@ -78,6 +78,8 @@ class DemoConfig:
     inject_error_rate: float = 0.0
     report: Path | None = None
     """Where to draw the timeline as a PNG picture, if anywhere."""
+    breaker_storage: str | None = None
+    """A Redis URL where the breaker keeps its state, shared with other clients."""
 
     def __post_init__(self) -> None:
         """Refuse loop settings that cannot work."""
@@ -202,7 +204,12 @@ class _Demo:
             extra_args=extra_args,
         )
         target = config.target or format_address(_reachable(config.host), config.port)
-        self.client = CalculatorClient(target, registry=registry, name=NAME)
+        self.client = CalculatorClient(
+            target,
+            registry=registry,
+            name=NAME,
+            breaker_storage=config.breaker_storage,
+        )
         self.start = time.monotonic()
         self.recorder = _StateRecorder(self.start)
         self.client.breaker.add_listener(self.recorder)

@@ -8,7 +8,15 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from calcsvc.process import ServerProcess
-from tests.support import HOST, Metrics, free_port, scrape
+from tests.support import (
+    HOST,
+    FleetWorker,
+    Metrics,
+    RedisProcess,
+    free_port,
+    scrape,
+    stop_all,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -86,3 +94,40 @@ def client_metrics() -> Iterator[tuple[CollectorRegistry, Callable[[], Metrics]]
     yield registry, lambda: scrape(port)
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of its own for one test, on a free loopback port."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    redis = RedisProcess(directory)
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+@pytest.fixture
+def start_workers(tmp_path: Path) -> Iterator[Callable[..., list[FleetWorker]]]:
+    """Start fleet worker processes; all are stopped at the end."""
+    started: list[FleetWorker] = []
+
+    def start(
+        count: int, target: str, *args: str, env: dict[str, str] | None = None
+    ) -> list[FleetWorker]:
+        workers = [
+            FleetWorker(
+                target,
+                *args,
+                stderr=tmp_path / f"worker-{len(started) + n}.log",
+                env=env,
+            )
+            for n in range(count)
+        ]
+        started.extend(workers)
+        for worker in workers:
+            assert worker.ready.wait(30), worker.log()
+        return workers
+
+    yield start
+    stop_all(started)

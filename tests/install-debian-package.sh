@@ -5,8 +5,8 @@
 #   tests/install-debian-package.sh PACKAGE PROGRAM...
 #
 # `make setup` installs prometheus (prometheus, promtool) for the monitoring
-# tests. The package's own service is kept from starting: the tests start
-# their own, on loopback.
+# tests and redis-server for the fleet tests. The package's own service is
+# kept from starting: the tests start their own, on loopback.
 set -euo pipefail
 
 if [ "$#" -lt 2 ]; then

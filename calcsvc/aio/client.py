@@ -23,6 +23,10 @@ class CalculatorClient(CalculatorClientBase):
     inside the event loop that will use it; any number of calls may be in
     flight at once. A call whose task is cancelled counts as a failure, as
     pybreaker counts any error, and the cancellation goes on to the caller.
+
+    With a Redis ``breaker_storage``, the breaker's two decisions per call
+    talk to Redis synchronously, on the event loop: a round trip each, or
+    at most the storage's timeout while Redis is unreachable.
     """
 
     def _connect(self, reset_timeout: float) -> None:
@@ -57,6 +61,7 @@ class CalculatorClient(CalculatorClientBase):
         """Close the channel; calls in flight are cancelled."""
         self._closed = True
         await self._channel.close(None)
+        self._close_storage()
 
     async def __aenter__(self) -> Self:
         """Return the client itself."""

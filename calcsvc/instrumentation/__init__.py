@@ -4,7 +4,11 @@ Every metric family is created on first use, once per registry: importing
 this package registers nothing.
 """
 
-from calcsvc.instrumentation._breaker import PrometheusListener, error_label
+from calcsvc.instrumentation._breaker import (
+    FailingStorage,
+    PrometheusListener,
+    error_label,
+)
 from calcsvc.instrumentation._grpc import (
     AioClientMetricsInterceptor,
     AioServerMetricsInterceptor,
@@ -25,6 +29,7 @@ __all__ = [
     "CallRecorder",
     "ClientCallMetrics",
     "ClientMetricsInterceptor",
+    "FailingStorage",
     "MetricsServer",
     "PrometheusListener",
     "ServerMetricsInterceptor",

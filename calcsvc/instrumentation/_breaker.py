@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 import grpc
 import pybreaker
@@ -34,6 +34,7 @@ class _Families:
     consecutive_failures: Gauge
     fail_max: Gauge
     reset_timeout: Gauge
+    storage_errors: Counter
 
 
 def _create(registry: CollectorRegistry) -> _Families:
@@ -89,10 +90,29 @@ def _create(registry: CollectorRegistry) -> _Families:
             ("breaker",),
             registry=registry,
         ),
+        storage_errors=Counter(
+            "circuit_breaker_storage_errors_total",
+            "Commands to the breaker's shared storage (Redis) that failed; "
+            "meanwhile the breaker decides on its local state.",
+            ("breaker",),
+            registry=registry,
+        ),
     )
 
 
 _families = per_registry(_create)
+
+
+@runtime_checkable
+class FailingStorage(Protocol):
+    """A breaker storage that reports its failed commands to hooks.
+
+    :class:`calcsvc.storage.RedisStorage` is one.
+    """
+
+    breaker_name: str
+    error_hooks: list[Callable[[Any, BaseException], None]]
+
 
 # The transitions a breaker makes on its own, through its whole cycle.
 TRANSITIONS = (
@@ -247,6 +267,17 @@ class PrometheusListener(pybreaker.CircuitBreakerListener):
     def success(self, cb: pybreaker.CircuitBreaker) -> None:
         """Publish the reset count of consecutive failures."""
         self._failures_now(self._of(cb), cb.fail_counter)
+
+    @_never_raises
+    def storage_error(self, storage: FailingStorage, error: BaseException) -> None:
+        """Count a command to ``storage`` that failed with ``error``."""
+        del error  # the storage logs the first error of an outage
+        self._metrics.storage_errors.labels(storage.breaker_name).inc()
+
+    def watch_storage(self, storage: FailingStorage) -> None:
+        """Count the failed commands of ``storage``, from zero."""
+        self._metrics.storage_errors.labels(storage.breaker_name)
+        storage.error_hooks.append(self.storage_error)
 
     @_never_raises
     def record_call(
