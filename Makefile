@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest soak bench protos prometheus redis clean
+.PHONY: setup demo test lint typecheck pytest soak bench protos prometheus redis bench-fleet clean
 
 setup: $(INSTALLED) prometheus redis
 
@@ -47,8 +47,13 @@ soak: $(INSTALLED)
 	$(BIN)/pytest -m soak -n 0 -s tests/test_load.py
 
 # Prints the table and rewrites docs/benchmarks.md; takes a few minutes.
-bench: $(INSTALLED)
+bench: $(INSTALLED) bench-fleet
 	$(BIN)/python bench/run.py
+
+# A fleet of client processes against a server that dies, with and without a
+# breaker shared in Redis; writes its own section of docs/benchmarks.md.
+bench-fleet: $(INSTALLED) redis
+	$(BIN)/python bench/fleet.py
 
 # Regenerate calcsvc/_generated after editing protos/.
 protos: setup

@@ -156,6 +156,26 @@ def timed_calls(call: Callable[[], object], count: int) -> list[float]:
     return durations
 
 
+def timed_blocks(
+    variants: dict[str, Callable[[], object]], rounds: int, block: int
+) -> tuple[dict[str, list[float]], SideBySide]:
+    """Time blocks of ``block`` calls of each variant, alternating, ``rounds`` each.
+
+    Every variant is warmed up first. Returns each variant's call durations,
+    and the blocks' medians side by side, for :meth:`SideBySide.ratio`.
+    """
+    durations: dict[str, list[float]] = {name: [] for name in variants}
+    side = SideBySide(list(variants))
+    for call in variants.values():
+        timed_calls(call, 300)
+    for order in side.rounds(rounds):
+        for name in order:
+            timings = timed_calls(variants[name], block)
+            durations[name] += timings
+            side.add(name, statistics.median(timings))
+    return durations, side
+
+
 @dataclass
 class SideBySide:
     """Results of variants measured in alternation, round after round."""

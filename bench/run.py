@@ -33,6 +33,7 @@ from harness import (
     run_tasks,
     run_threads,
     start_server,
+    timed_blocks,
     timed_calls,
 )
 from prometheus_client import CollectorRegistry
@@ -172,16 +173,8 @@ def one_thread_latency(server_target: str) -> tuple[Row, float]:
         "bare": lambda: stub.Add(REQUEST, timeout=1),
         "guarded": lambda: client.add(5, 3),
     }
-    durations: dict[str, list[float]] = {name: [] for name in variants}
-    side = SideBySide(list(variants))
     try:
-        for call in variants.values():
-            timed_calls(call, 300)  # warm up
-        for order in side.rounds(LATENCY_ROUNDS):
-            for name in order:
-                block = timed_calls(variants[name], LATENCY_BLOCK)
-                durations[name] += block
-                side.add(name, statistics.median(block))
+        durations, side = timed_blocks(variants, LATENCY_ROUNDS, LATENCY_BLOCK)
     finally:
         client.close()
         channel.close()
@@ -643,6 +636,22 @@ NOTES = [
 ]
 
 
+def kept_sections() -> str:
+    """Return the sections other scripts wrote in docs/benchmarks.md.
+
+    ``bench/fleet.py`` writes its own, between markers, and this rewrite of
+    the file keeps it.
+    """
+    if not REPORT.exists():
+        return ""
+    old = REPORT.read_text()
+    begin = old.find("<!-- fleet: ")
+    end = old.find("<!-- end of fleet -->")
+    if begin < 0 or end < 0:
+        return ""
+    return "\n" + old[begin : end + len("<!-- end of fleet -->")] + "\n"
+
+
 def main() -> None:
     """Run every benchmark, print the table and write docs/benchmarks.md."""
     # The breakers this benchmark opens on purpose need not say so.
@@ -665,7 +674,7 @@ def main() -> None:
 
     text = report(rows, machine_lines, time.monotonic() - started)
     REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(text)
+    REPORT.write_text(text + kept_sections())
     print("\n".join([*machine_lines, "", *table(rows)]))
     print(f"\nwritten to {REPORT.relative_to(ROOT)}")
 
