@@ -41,9 +41,12 @@ def _create(registry: CollectorRegistry) -> _Families:
     return _Families(
         state=Gauge(
             "circuit_breaker_state",
-            "1 for the breaker's current state, 0 for the other two.",
+            "1 for the breaker's current state, 0 for the other two; in "
+            "multiprocess mode, 1 for each state some live process has the "
+            "breaker in.",
             ("breaker", "state"),
             registry=registry,
+            multiprocess_mode="livemax",
         ),
         transitions=Counter(
             "circuit_breaker_transitions_total",
@@ -77,18 +80,21 @@ def _create(registry: CollectorRegistry) -> _Families:
             "Failures counted since the last success or state change.",
             ("breaker",),
             registry=registry,
+            multiprocess_mode="livemax",
         ),
         fail_max=Gauge(
             "circuit_breaker_fail_max",
             "Consecutive failures that open the breaker.",
             ("breaker",),
             registry=registry,
+            multiprocess_mode="livemax",
         ),
         reset_timeout=Gauge(
             "circuit_breaker_reset_timeout_seconds",
             "How long the breaker stays open before it lets a trial call through.",
             ("breaker",),
             registry=registry,
+            multiprocess_mode="livemax",
         ),
         storage_errors=Counter(
             "circuit_breaker_storage_errors_total",

@@ -87,9 +87,11 @@ _client_families = _rpc_families("client")
 serving_gauge = per_registry(
     lambda registry: Gauge(
         "calcsvc_server_serving",
-        "1 while the health service reports SERVING for the service, else 0.",
+        "1 while the health service reports SERVING for the service, else 0; "
+        "in multiprocess mode, the lowest value of the live processes.",
         ("service",),
         registry=registry,
+        multiprocess_mode="livemin",
     )
 )
 
