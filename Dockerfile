@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY calcsvc ./calcsvc
-RUN pip install .
+RUN pip install ".[redis]"
 
 RUN useradd --system --no-create-home calcsvc
 USER calcsvc

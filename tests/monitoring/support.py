@@ -78,3 +78,23 @@ def substitute_variables(
         return known.get(name, others)
 
     return _VARIABLE.sub(value, expr)
+
+
+def dockerfile_lines() -> list[str]:
+    """Return the Dockerfile's instructions, one a line, without comments."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    joined = re.sub(r"\\\n", " ", text)
+    return [
+        line.strip()
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def instructions(dockerfile: list[str], keyword: str) -> list[str]:
+    """Return the arguments of every ``keyword`` instruction of ``dockerfile``."""
+    return [
+        line.split(maxsplit=1)[1]
+        for line in dockerfile
+        if line.split(maxsplit=1)[0].upper() == keyword
+    ]

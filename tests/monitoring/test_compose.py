@@ -7,7 +7,6 @@ the containers mount or the image copies is in the repository.
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -16,6 +15,8 @@ import pytest
 
 from tests.monitoring.support import (
     ROOT,
+    dockerfile_lines,
+    instructions,
     load_yaml,
 )
 
@@ -178,26 +179,13 @@ def test_published_ports_do_not_clash(services: dict[str, dict[str, Any]]) -> No
 
 @pytest.fixture(scope="module")
 def dockerfile() -> list[str]:
-    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    joined = re.sub(r"\\\n", " ", text)
-    return [
-        line.strip()
-        for line in joined.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-
-
-def instructions(dockerfile: list[str], keyword: str) -> list[str]:
-    return [
-        line.split(maxsplit=1)[1]
-        for line in dockerfile
-        if line.split(maxsplit=1)[0].upper() == keyword
-    ]
+    return dockerfile_lines()
 
 
 def test_image_installs_the_package_on_python_311(dockerfile: list[str]) -> None:
     assert instructions(dockerfile, "FROM") == ["python:3.11-slim"]
-    assert "pip install ." in instructions(dockerfile, "RUN")
+    # With Redis: the client pods keep their breaker there.
+    assert 'pip install ".[redis]"' in instructions(dockerfile, "RUN")
     assert instructions(dockerfile, "ENTRYPOINT") == ['["calcsvc"]']
 
 
