@@ -119,6 +119,11 @@ class RemoteCaller:
         return self.calls
 
 
+def listening(server, log):
+    assert server.poll() is None, log.read_text()
+    return "listening address=" in log.read_text()
+
+
 def in_namespace(ns, *command, **options):
     return subprocess.Popen(
         [IP, "netns", "exec", ns, sys.executable, *command], cwd=ROOT, **options
@@ -134,12 +139,16 @@ def test_the_breaker_rides_out_a_network_cut(hosts, tmp_path):
         *("-m", "tests.caller", f"{SERVER_ADDRESS}:{PORT}", "--timeout", str(TIMEOUT)),
         *("--fail-max", str(FAIL_MAX), "--reset-timeout", str(RESET_TIMEOUT)),
     ]
-    with (tmp_path / "server.log").open("wb") as log:
+    server_log = tmp_path / "server.log"
+    with server_log.open("wb") as log:
         server = in_namespace(
             hosts.server_ns, *serve, stdin=subprocess.DEVNULL, stderr=log
         )
     caller = None
     try:
+        # A caller that started first could open its breaker before the cut,
+        # on a server that is not listening yet.
+        wait_until(lambda: listening(server, server_log), timeout=30)
         caller = RemoteCaller(
             in_namespace(
                 hosts.client_ns,
@@ -149,7 +158,6 @@ def test_the_breaker_rides_out_a_network_cut(hosts, tmp_path):
                 text=True,
             )
         )
-        # The server has started once calls succeed.
         wait_until(lambda: successes_since(caller.calls, 0) >= 3, timeout=30)
         fault_at = time.monotonic()
         ip("-n", hosts.server_ns, "link", "set", hosts.server_link, "down")
