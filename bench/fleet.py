@@ -27,7 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import free_port, start_server, timed_blocks  # noqa: E402
+from harness import (  # noqa: E402
+    FLEET_BEGIN,
+    FLEET_END,
+    REPORT,
+    fleet_section,
+    free_port,
+    start_server,
+    timed_blocks,
+)
 from prometheus_client import CollectorRegistry  # noqa: E402
 from redis import Redis  # noqa: E402
 
@@ -38,10 +46,6 @@ from tests.support import (  # noqa: E402
     stop_all,
     wait_until,
 )
-
-REPORT = ROOT / "docs" / "benchmarks.md"
-BEGIN = "<!-- fleet: written by bench/fleet.py -->"
-END = "<!-- end of fleet -->"
 
 WORKERS = 4
 FAIL_MAX = 3
@@ -147,7 +151,7 @@ def section(
 
     return "\n".join(
         [
-            BEGIN,
+            FLEET_BEGIN,
             "## A fleet of clients when its server dies",
             "",
             textwrap.fill(
@@ -198,7 +202,7 @@ def section(
                 "a round trip, so on a network the cost grows with the round "
                 "trip time to Redis."
             ),
-            END,
+            FLEET_END,
         ]
     )
 
@@ -206,12 +210,12 @@ def section(
 def write(text: str) -> None:
     """Put the section in docs/benchmarks.md, in place of the last one."""
     old = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        before, _, rest = old.partition(BEGIN)
-        _, _, after = rest.partition(END)
-        new = before + text + after
-    else:
+    split = fleet_section(old)
+    if split is None:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
+    else:
+        before, _, after = split
+        new = before + text + after
     REPORT.write_text(new)
 
 

@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calcsvc.process import ServerProcess
@@ -22,7 +23,24 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 HOST = "127.0.0.1"
+REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# bench/fleet.py writes its own section of the report between these markers;
+# bench/run.py rewrites the rest and keeps it.
+FLEET_BEGIN = "<!-- fleet: written by bench/fleet.py -->"
+FLEET_END = "<!-- end of fleet -->"
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def fleet_section(report: str) -> tuple[str, str, str] | None:
+    """Split ``report`` at the fleet's section: before it, the section, after it.
+
+    Returns None when the report has no such section.
+    """
+    before, begin, rest = report.partition(FLEET_BEGIN)
+    section, end, after = rest.partition(FLEET_END)
+    if not begin or not end:
+        return None
+    return before, begin + section + end, after
 
 
 def free_port() -> int:

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pybreaker
 from harness import (
+    REPORT,
     SideBySide,
     cpu_seconds,
+    fleet_section,
     peak_rss_mib,
     run_tasks,
     run_threads,
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "docs" / "benchmarks.md"
 
 ROUNDS = 7  # runs of each variant, alternating
 SECONDS = 1.5  # length of one throughput run
@@ -637,19 +638,9 @@ NOTES = [
 
 
 def kept_sections() -> str:
-    """Return the sections other scripts wrote in docs/benchmarks.md.
-
-    ``bench/fleet.py`` writes its own, between markers, and this rewrite of
-    the file keeps it.
-    """
-    if not REPORT.exists():
-        return ""
-    old = REPORT.read_text()
-    begin = old.find("<!-- fleet: ")
-    end = old.find("<!-- end of fleet -->")
-    if begin < 0 or end < 0:
-        return ""
-    return "\n" + old[begin : end + len("<!-- end of fleet -->")] + "\n"
+    """Return the section ``bench/fleet.py`` wrote in docs/benchmarks.md, if any."""
+    split = fleet_section(REPORT.read_text()) if REPORT.exists() else None
+    return "" if split is None else "\n" + split[1] + "\n"
 
 
 def main() -> None:
