@@ -149,10 +149,9 @@ class RedisStorage(pybreaker.CircuitRedisStorage):
         # pybreaker's constructor writes to Redis, which may be down.
         pybreaker.CircuitBreakerStorage.__init__(self, "redis")
         self._redis = client
+        # pybreaker's _namespace() builds the keys from it; the other
+        # attributes its constructor sets serve methods overridden here.
         self._namespace_name = f"calcsvc:breaker:{name}"
-        self._fallback_circuit_state = pybreaker.STATE_CLOSED
-        self._initial_state = pybreaker.STATE_CLOSED
-        self._cluster_mode = False
 
         self.breaker_name = name
         self.retry_after = retry_after
